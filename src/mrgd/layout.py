@@ -1,0 +1,423 @@
+"""Regions, layouts and edits: the edit file of design.md, validated and paired by region id (method.md §1).
+
+One edit file lists each region once; its ``prompt`` is the region in the source image and its ``target_prompt``
+the region in the target image (absent: unchanged; null: removed; only ``target_prompt``: added).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputError, describe_validation_error
+
+Kind = Literal["background", "foreground"]
+Role = Literal["inherent", "added", "removed", "modified"]
+Control = Literal["background", "inherent", "modified", "added", "removed", "total"]
+
+MAX_SIDE = 8192  # pixels; far beyond what the models handle, only there to stop absurd sizes early
+MAX_SEED = 2**63 - 1  # fits torch.Generator.manual_seed
+
+
+def _check_id(region_id: str) -> str:
+    if not region_id.strip():
+        raise ValueError('must not be empty; name the region, e.g. "ball"')
+    return region_id
+
+
+def _check_box(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    x, y, w, h = box
+    for name, value in (("width", w), ("height", h)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0; give [x, y, w, h] fractions with w, h in (0, 1]")
+    for name, value in (("x", x), ("y", y)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1); give [x, y, w, h] fractions of the canvas, top-left origin")
+    return box  # a box reaching past the canvas is fine: it is clamped when mapped to latents
+
+
+def _check_size(size: tuple[int, int]) -> tuple[int, int]:
+    for name, value in zip(("width", "height"), size):
+        if value <= 0 or value % 8:
+            raise ValueError(f"{name} {value} is not a positive multiple of 8; use a multiple of 8, e.g. 128")
+        if value > MAX_SIDE:
+            raise ValueError(f"{name} {value} is too large; use at most {MAX_SIDE}")
+    return size
+
+
+def _count(expected: int, what: str) -> Callable[[Any], Any]:
+    """A before-validator naming what a fixed-length list must hold, instead of pydantic's item-by-item complaint."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) != expected:
+            raise ValueError(f"got {len(value)} values; give {expected}: {what}")
+        return value
+
+    return check
+
+
+def _check_unique_ids(regions: list) -> list:
+    first_index: dict[str, int] = {}
+    for i, region in enumerate(regions):
+        if region.id in first_index:
+            raise ValueError(
+                f"duplicate id {region.id!r} at [{first_index[region.id]}] and [{i}]; give every region its own id"
+            )
+        first_index[region.id] = i
+    return regions
+
+
+RegionId = Annotated[str, AfterValidator(_check_id)]
+Box = Annotated[
+    tuple[float, float, float, float],
+    BeforeValidator(_count(4, "[x, y, w, h] fractions of the canvas")),
+    AfterValidator(_check_box),
+]
+Size = Annotated[
+    tuple[int, int],
+    BeforeValidator(_count(2, "[width, height] in pixels, e.g. [128, 128]")),
+    AfterValidator(_check_size),
+]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+class _Model(BaseModel):
+    # Unknown fields are errors so that a typo ("promt") never silently falls back to a default.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Method settings: every default of the method lives here (method.md §2-§6; italic research-code values).
+
+
+class CrossReplace(_Model):
+    """Fraction of the steps in which the target copies the source's cross-attention, per control kind (§3)."""
+
+    background: Fraction = 1.0
+    inherent: Fraction = 1.0  # unchanged foreground regions
+    modified: Fraction = 0.6  # word swap
+    total: Fraction = 0.5  # r_total, refine
+
+
+class SelfReplace(_Model):
+    """Fraction of the steps in which the target copies the source's self-attention, per control kind (§3)."""
+
+    background: Fraction = 0.5
+    inherent: Fraction = 0.7
+    modified: Fraction = 0.3
+    total: Fraction = 0.2
+
+
+class Settings(_Model):
+    """The ``mrgd`` block of an edit file: the method's settings, all defaults in one place."""
+
+    method: Literal["multidiffusion", "p2p", "mrgd"] = "mrgd"  # fusion only | + attention control | full method
+    use_total: bool = True  # add the full-canvas r_total region late in sampling (§1)
+    total_fraction_attribute: Fraction = 0.5  # r_total runs the last floor(T*N)+1 steps, attribute-only edits
+    total_fraction_structural: Fraction = 0.6  # ... and when a region is added or removed
+    schedule: Literal["linear", "step"] = "linear"  # cross-attention replacement: linear decay or hard cut (§3)
+    cross_replace: CrossReplace = Field(default_factory=CrossReplace)
+    self_replace: SelfReplace = Field(default_factory=SelfReplace)
+    keywords: int = Field(15, ge=0)  # N_k: keywords kept per region (§4)
+    kssa: bool = True  # keyword-selected self-attention (§5)
+    kssa_scale: float = Field(1.5, gt=0)  # logit scale of the selected key columns
+    keyword_steps: tuple[Annotated[int, Field(ge=1)], ...] = (10, 5)  # select keywords at steps k = N-10, N-5
+    guidance: bool = True  # multi-region guidance (§6)
+    lambda_rs: float = Field(1000.0, ge=0)  # weight of L_RS, region segmentation
+    lambda_is: float = Field(2000.0, ge=0)  # weight of L_IS, InfoNCE between source and target maps
+    lambda_ip: float = Field(300.0, ge=0)  # weight of L_IP, inherent preservation (halved in the second half)
+    guidance_every: int = Field(1, ge=1)  # guide every k-th step only (the cheaper mode)
+    add_in_source: bool = False  # also write added boxes into the source, global prompt only (§2)
+
+    def replace_fractions(self, control: Control) -> tuple[float, float]:
+        """(cross, self) replacement fractions for a control kind; added and removed regions get no control."""
+        if control in ("added", "removed"):
+            return 0.0, 0.0
+        return getattr(self.cross_replace, control), getattr(self.self_replace, control)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regions
+
+
+class Region(_Model):
+    """A region of an edit, as written in the edit file.
+
+    ``target_prompt`` absent means "same as prompt" (inherent); ``null`` removes the region from the target;
+    a ``target_prompt`` without ``prompt`` adds it. After validation ``target_prompt`` always holds the resolved
+    target prompt, so equal regions compare equal however they were written.
+    """
+
+    id: RegionId
+    kind: Kind = "foreground"
+    box: Box  # [x, y, w, h] fractions of the canvas, top-left origin
+    prompt: str | None = None
+    target_prompt: str | None = None
+    negative_prompt: str = ""
+    keywords: list[str] = Field(default_factory=list)  # user keywords, added to the selected ones for guidance
+    feather: Fraction = 0.2
+    seed: Seed | None = None  # own noise for the box; None: the global noise
+
+    @model_validator(mode="after")
+    def _resolve_target(self) -> Region:
+        if "target_prompt" not in self.model_fields_set:
+            self.target_prompt = self.prompt
+        if self.prompt is None and self.target_prompt is None:
+            raise ValueError("needs a prompt (source image), a target_prompt (target image) or both")
+        return self
+
+    @property
+    def role(self) -> Role:
+        """How the edit changes this region."""
+        if self.prompt is None:
+            return "added"
+        if self.target_prompt is None:
+            return "removed"
+        return "inherent" if self.prompt == self.target_prompt else "modified"
+
+    @property
+    def control(self) -> Control:
+        """Which attention-control row of method.md §3 applies to this region."""
+        return "background" if self.kind == "background" and self.role == "inherent" else self.role
+
+    @property
+    def source_prompt(self) -> str | None:
+        """The prompt in the source image; None when the region is absent there."""
+        return self.prompt
+
+    @property
+    def resolved_target_prompt(self) -> str | None:
+        """The prompt in the target image; None when the region is absent there."""
+        return self.target_prompt
+
+
+class LayoutRegion(_Model):
+    """A region as it appears in one image."""
+
+    id: RegionId
+    kind: Kind = "foreground"
+    box: Box
+    prompt: str
+    negative_prompt: str = ""
+    keywords: list[str] = Field(default_factory=list)
+    feather: Fraction = 0.2
+    seed: Seed | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts and edits
+
+
+class _Canvas(_Model):
+    size: Size = (128, 128)  # [W, H] in pixels
+    prompt: str = ""  # global prompt: quality words, style
+    negative_prompt: str = ""
+    seed: Seed = 0
+    steps: int = Field(20, ge=1, le=1000)
+    guidance_scale: float = Field(7.0, ge=0)  # classifier-free guidance
+
+    def _canvas(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _Canvas.model_fields}
+
+    def regions_by_id(self) -> dict:
+        """The regions keyed by id, in file order."""
+        return {region.id: region for region in self.regions}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config: every default filled in, JSON types only."""
+        return self.model_dump(mode="json")
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as JSON or YAML, chosen by the file suffix."""
+        write_config_file(path, self.to_dict())
+
+
+class Layout(_Canvas):
+    """One image: canvas, global prompt and the regions present in it."""
+
+    regions: Annotated[list[LayoutRegion], AfterValidator(_check_unique_ids)] = Field(default_factory=list)
+
+    def total_prompt(self) -> str:
+        """The prompt of r_total: the global prompt, then every region prompt in region order."""
+        return _join(self.prompt, *(region.prompt for region in self.regions))
+
+    def region_prompt(self, region: LayoutRegion) -> str:
+        """The prompt a region is denoised with: global prompt, then the region's."""
+        return _join(self.prompt, region.prompt)
+
+    def region_negative(self, region: LayoutRegion) -> str:
+        """The negative prompt a region is denoised with: global negative, then the region's."""
+        return _join(self.negative_prompt, region.negative_prompt)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | None = None) -> Layout:
+        """Validate a plain layout (an edit file with no edit in it); errors are :class:`InputError` one-liners."""
+        edit = Edit.from_dict(data, source)
+        changed = [i for i, region in enumerate(edit.regions) if region.role != "inherent"]
+        if changed:
+            where = f"{source}: " if source else ""
+            raise InputError(
+                f"{where}regions[{changed[0]}].target_prompt: this file is an edit, not a plain layout; "
+                "run `mrgd edit` on it, or remove target_prompt"
+            )
+        return edit.source()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Layout:
+        """Read a plain layout from a .json, .yaml or .yml file."""
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+
+class Edit(_Canvas):
+    """A source and a target image over one canvas, their regions paired by id (method.md §1)."""
+
+    regions: Annotated[list[Region], AfterValidator(_check_unique_ids)] = Field(default_factory=list)
+    mrgd: Settings = Field(default_factory=Settings)
+
+    def source(self) -> Layout:
+        """The source image: regions with a source prompt, in file order."""
+        return self._image(lambda region: region.source_prompt)
+
+    def target(self) -> Layout:
+        """The target image: regions with a target prompt (modified ones carry it), in file order."""
+        return self._image(lambda region: region.resolved_target_prompt)
+
+    def _image(self, prompt_of: Callable[[Region], str | None]) -> Layout:
+        regions = [
+            LayoutRegion(**region.model_dump(exclude={"prompt", "target_prompt"}), prompt=prompt)
+            for region in self.regions
+            if (prompt := prompt_of(region)) is not None
+        ]
+        return Layout(**self._canvas(), regions=regions)
+
+    def roles(self) -> dict[str, Role]:
+        """Region id -> role, in file order."""
+        return {region.id: region.role for region in self.regions}
+
+    @property
+    def is_edit(self) -> bool:
+        """Whether any region differs between source and target."""
+        return any(region.role != "inherent" for region in self.regions)
+
+    @property
+    def has_structural_change(self) -> bool:
+        """Whether a region is added or removed."""
+        return any(region.role in ("added", "removed") for region in self.regions)
+
+    @property
+    def total_fraction(self) -> float:
+        """T_total for this edit: the structural value when a region is added or removed (§1)."""
+        settings = self.mrgd
+        return settings.total_fraction_structural if self.has_structural_change else settings.total_fraction_attribute
+
+    @classmethod
+    def from_layout(cls, layout: Layout, settings: Settings | None = None) -> Edit:
+        """An edit that changes nothing: every region of ``layout`` inherent."""
+        regions = [Region(**region.model_dump()) for region in layout.regions]
+        return cls(**layout._canvas(), regions=regions, mrgd=settings or Settings())
+
+    @classmethod
+    def from_layouts(cls, source: Layout, target: Layout, settings: Settings | None = None) -> Edit:
+        """Pair two layouts by region id (never by position).
+
+        Regions keep the source's order; target-only regions follow in the target's order. A region in both
+        images must agree on everything but its prompt.
+        """
+        for name, value in source._canvas().items():
+            if getattr(target, name) != value:
+                raise InputError(f"target.{name}: differs from the source's; source and target share the canvas")
+        in_target = target.regions_by_id()
+        regions = []
+        for region in source.regions:
+            other = in_target.get(region.id)
+            if other is None:
+                regions.append(Region(**region.model_dump(), target_prompt=None))
+                continue
+            for name in LayoutRegion.model_fields:
+                if name != "prompt" and getattr(other, name) != getattr(region, name):
+                    raise InputError(
+                        f"target.regions[{target.regions.index(other)}].{name}: differs from source region "
+                        f"{region.id!r}; a paired region may change its prompt only"
+                    )
+            regions.append(Region(**region.model_dump(), target_prompt=other.prompt))
+        in_source = source.regions_by_id()
+        regions += [Region(**r.model_dump(exclude={"prompt"}), target_prompt=r.prompt)
+                    for r in target.regions if r.id not in in_source]
+        return cls(**source._canvas(), regions=regions, mrgd=settings or Settings())
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | None = None) -> Edit:
+        """Validate an edit (or plain layout) given as a dict; errors are :class:`InputError` one-liners."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise InputError(describe_validation_error(err, source)) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Edit:
+        """Read an edit, or a plain layout as an edit that changes nothing, from a .json, .yaml or .yml file."""
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+
+def _join(*parts: str) -> str:
+    return ", ".join(part for part in parts if part)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .json, .yaml or .yml")
+    return suffix
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML file holding a mapping; every failure is an :class:`InputError` naming the file."""
+    path = Path(path)
+    suffix = _suffix(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found; check the path") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read it ({err.strerror}); check the path and permissions") from None
+    try:
+        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno}, column {err.colno}"
+        raise InputError(f"{path}: {where}: invalid JSON ({err.msg}); fix the syntax") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or err
+        raise InputError(f"{path}: {where}invalid YAML ({problem}); fix the syntax") from None
+    except (ValueError, RecursionError) as err:  # e.g. an integer with too many digits, absurd nesting
+        raise InputError(f"{path}: cannot parse it ({type(err).__name__}: {err}); fix the value") from None
+    if not isinstance(data, dict):
+        raise InputError(f'{path}: expected a mapping of fields at the top level, e.g. {{"regions": [...]}}')
+    return data
+
+
+def write_config_file(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a mapping as JSON or YAML, chosen by the file suffix."""
+    path = Path(path)
+    if _suffix(path) == ".json":
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    else:
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        if yaml.safe_load(text) != data:  # PyYAML mangles a few raw characters (U+0085); escape them all then
+            text = yaml.safe_dump(data, sort_keys=False)
+    path.write_text(text, encoding="utf-8")
