@@ -1,0 +1,185 @@
+"""MultiDiffusion region fusion as small pure tensor functions (docs/method.md §1, §2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Box fractions times a pixel size pick up float error (0.3 * 128 / 8 = 4.800000000000001);
+# rounding to this many decimals before floor/ceil keeps exact values exact.
+_ROUND_DECIMALS = 6
+
+
+@dataclass(frozen=True)
+class LatentBox:
+    """A region's box in latent pixels, half-open: rows y0:y1, columns x0:x1."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def h(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def w(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.h, self.w)
+
+    @property
+    def slices(self) -> tuple:
+        """Index for the last two dims of any tensor: ``x[box.slices]`` is ``x[..., y0:y1, x0:x1]``."""
+        return (Ellipsis, slice(self.y0, self.y1), slice(self.x0, self.x1))
+
+
+def latent_box(
+    box: tuple[float, float, float, float], image_size: tuple[int, int], factor: int = 8
+) -> LatentBox:
+    """Map a fractional box (x, y, w, h) on a (W, H) pixel canvas to latent pixels (method.md §1, "Box to latent").
+
+    x0 = floor(x·W/f), y0 = floor(y·H/f), w = ceil(w·W/f), h = ceil(h·H/f), clamped to the latent canvas
+    and at least one latent pixel wide and high.
+    """
+    x, y, w, h = box
+    width, height = image_size
+    latent_w, latent_h = width // factor, height // factor
+
+    def scaled(fraction: float, size: int) -> float:
+        return round(fraction * size / factor, _ROUND_DECIMALS)
+
+    x0 = min(max(math.floor(scaled(x, width)), 0), latent_w - 1)
+    y0 = min(max(math.floor(scaled(y, height)), 0), latent_h - 1)
+    box_w = max(math.ceil(scaled(w, width)), 1)
+    box_h = max(math.ceil(scaled(h, height)), 1)
+    return LatentBox(y0=y0, y1=min(y0 + box_h, latent_h), x0=x0, x1=min(x0 + box_w, latent_w))
+
+
+def feather_mask(h: int, w: int, ratio: float) -> Tensor:
+    """Feather mask of an h×w box (method.md §2, "Feather mask"), float32 [h, w].
+
+    r = floor(min(w, h)/2 · ratio); d = distance to the nearest box edge (edge pixels d = 0);
+    weight (d/r)² where d < r, else 1; r = 0 gives all ones.
+    """
+    radius = math.floor(round(min(w, h) / 2 * ratio, _ROUND_DECIMALS))
+    if radius <= 0:
+        return torch.ones(h, w, dtype=torch.float32)
+    rows = torch.arange(h, dtype=torch.float32)
+    cols = torch.arange(w, dtype=torch.float32)
+    dist_y = torch.minimum(rows, h - 1 - rows)
+    dist_x = torch.minimum(cols, w - 1 - cols)
+    dist = torch.minimum(dist_y[:, None], dist_x[None, :])
+    return torch.where(dist < radius, (dist / radius) ** 2, torch.ones_like(dist))
+
+
+def initial_noise(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    region_noise: list[tuple[LatentBox, int]],
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Initial latent z_T with per-region seeded noise (method.md §2, "Initial noise").
+
+    The global draw is exactly diffusers' ``prepare_latents`` for a CPU generator. Each (box, seed) draws
+    N(0,1) noise of shape (B, C, box.h, box.w) from its own CPU generator; overlaps combine as
+    Σ n_i / sqrt(count) so the variance stays 1. Pixels under no seeded box keep the global noise.
+    """
+    # Imported here so the rest of this module does not pay for importing diffusers.
+    from diffusers.utils.torch_utils import randn_tensor
+
+    latents = randn_tensor(shape, generator=generator, dtype=dtype)
+    if not region_noise:
+        return latents
+    batch, channels = shape[0], shape[1]
+    noise_sum = torch.zeros(shape, dtype=torch.float32)
+    count = torch.zeros(shape[-2:], dtype=torch.float32)
+    for box, seed in region_noise:
+        region_generator = torch.Generator("cpu").manual_seed(seed)
+        noise = randn_tensor((batch, channels, box.h, box.w), generator=region_generator, dtype=dtype)
+        noise_sum[box.slices] += noise.float()
+        count[box.slices] += 1
+    covered = count > 0
+    combined = (noise_sum / count.clamp(min=1).sqrt()).to(dtype)
+    return torch.where(covered, combined, latents)
+
+
+def composite(
+    canvas: Tensor,
+    backgrounds: list[tuple[LatentBox, Tensor]],
+    foregrounds: list[tuple[LatentBox, Tensor, Tensor]],
+) -> Tensor:
+    """Layered MultiDiffusion composite of region outputs (method.md §2, "Fusion").
+
+    bg(p) = mean of covering background crops, or ``canvas`` (the global prompt's full-canvas output)
+    where none covers p. Where foregrounds cover p: fg(p) = mean of their crops, m(p) = mean of their
+    feather masks, z = (1 − m)·bg + m·fg; elsewhere z = bg. Crops are [B, C, h, w], masks [h, w].
+    When ``needs_canvas_fallback`` is False the canvas values are never used (zeros will do).
+    """
+    # Accumulate in at least float32 so fp16 crops are averaged without extra rounding.
+    acc_dtype = torch.promote_types(canvas.dtype, torch.float32)
+    device = canvas.device
+    hw = canvas.shape[-2:]
+
+    bg_sum = torch.zeros(canvas.shape, dtype=acc_dtype, device=device)
+    bg_count = torch.zeros(hw, dtype=acc_dtype, device=device)
+    for box, crop in backgrounds:
+        bg_sum[box.slices] += crop.to(acc_dtype)
+        bg_count[box.slices] += 1
+    background = torch.where(bg_count > 0, bg_sum / bg_count.clamp(min=1), canvas.to(acc_dtype))
+
+    fg_sum = torch.zeros(canvas.shape, dtype=acc_dtype, device=device)
+    mask_sum = torch.zeros(hw, dtype=acc_dtype, device=device)
+    fg_count = torch.zeros(hw, dtype=acc_dtype, device=device)
+    for box, crop, mask in foregrounds:
+        if tuple(mask.shape) != box.size or tuple(crop.shape[-2:]) != box.size:
+            raise ValueError(f"crop {tuple(crop.shape)} / mask {tuple(mask.shape)} do not match box {box.size}")
+        fg_sum[box.slices] += crop.to(acc_dtype)
+        mask_sum[box.slices] += mask.to(device=device, dtype=acc_dtype)
+        fg_count[box.slices] += 1
+    denom = fg_count.clamp(min=1)
+    foreground, mask = fg_sum / denom, mask_sum / denom
+    blended = (1 - mask) * background + mask * foreground
+    return torch.where(fg_count > 0, blended, background).to(canvas.dtype)
+
+
+def needs_canvas_fallback(latent_hw: tuple[int, int], background_boxes: list[LatentBox]) -> bool:
+    """True when some latent pixel lies under no background box (method.md §2: the caller must then run
+    the global prompt on the full canvas so no pixel is left undenoised)."""
+    covered = torch.zeros(latent_hw, dtype=torch.bool)
+    for box in background_boxes:
+        covered[box.slices] = True
+    return not bool(covered.all())
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
+    """Pad the last two dims at the bottom/right up to the next multiple (method.md §2: crops the UNet
+    cannot take are padded and cropped back). Returns the padded tensor and the original (h, w)."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x, (h, w)
+    # The UNet's downsamplings need sides divisible by 2**levels; replicating the border (not zeros)
+    # keeps the padded strip statistically like the latent, so it disturbs the real pixels least.
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate"), (h, w)
+
+
+def unpad(x: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Crop the last two dims back to hw = (h, w), undoing ``pad_to_multiple``."""
+    return x[..., : hw[0], : hw[1]]
+
+
+def group_by_size(boxes: list[LatentBox]) -> dict[tuple[int, int], list[int]]:
+    """Indices of boxes sharing a crop size, in first-seen order (method.md §2, "Batching": equal-size
+    crops can share one UNet call)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, box in enumerate(boxes):
+        groups.setdefault(box.size, []).append(index)
+    return groups
