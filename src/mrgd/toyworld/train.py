@@ -1,0 +1,431 @@
+"""Train the embedded shapes-world model family, stage by stage, resumably.
+
+Stages, in order: data (sample pools), tokenizer, clip, vae, unet, clipseg, assemble. Each stage writes its
+result under OUT/<stage>/ and keeps a resumable state (model, optimizer, EMA, step) in OUT/<stage>/state.pt,
+so `mrgd train-toy -o OUT` picks up where an interrupted run stopped. Step counts fix the result; a minutes
+budget only decides when to pause. Seeds are fixed per stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data as D
+from .models import CLIP_SIZE, IMAGE_SIZE, make_clip, make_clipseg, make_noise_scheduler, make_unet, make_vae
+from .world import BACKGROUNDS, COLORS, SHAPES
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    seed: int = 0
+    threads: int = 2
+    scenes: int = 24000
+    crops: int = 16000
+    clip_steps: int = 1200
+    clip_batch: int = 128
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    unet_steps: int = 8000
+    unet_batch: int = 32
+    unet_crop_fraction: float = 0.4  # share of UNet steps on region-level crops (MultiDiffusion denoises crops)
+    cfg_dropout: float = 0.1
+    clipseg_steps: int = 2500
+    clipseg_batch: int = 64
+    stages: list[str] = field(default_factory=lambda: ["data", "tokenizer", "clip", "vae", "unet", "clipseg", "assemble"])
+    minutes: float | None = None  # pause (resumably) after this much wall time in this invocation
+
+
+class Budget:
+    def __init__(self, minutes: float | None):
+        self.deadline = None if minutes is None else time.time() + 60 * minutes
+
+    def exhausted(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+
+def _log(cfg: TrainConfig, stage: str, **values) -> None:
+    with open(Path(cfg.out) / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"stage": stage, "time": round(time.time(), 1), **values}) + "\n")
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class Checkpoint:
+    """Resumable state of one stage: models, optimizer, EMA, step, RNG."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=False)  # our own file, written below
+
+    def save(self, **state) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+
+def _loop(cfg: TrainConfig, stage: str, total: int, models: dict, optimizer, peak_lr: float, step_fn, budget: Budget,
+          ema: torch.nn.Module | None = None, ema_source: torch.nn.Module | None = None, save_every: int = 250):
+    """The shared training loop: resume, step with a cosine LR, EMA, checkpoint, log. Returns True when done."""
+    ckpt = Checkpoint(Path(cfg.out) / stage / "state.pt")
+    state = ckpt.load()
+    step = 0
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(stage.encode())])
+    torch.manual_seed(cfg.seed)
+    if state:
+        for name, m in models.items():
+            m.load_state_dict(state["models"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, rng = state["step"], state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+
+    def save():
+        ckpt.save(models={k: m.state_dict() for k, m in models.items()}, optimizer=optimizer.state_dict(),
+                  ema=ema.state_dict() if ema is not None else None, step=step, rng=rng, torch_rng=torch.get_rng_state())
+
+    bar = tqdm(total=total, initial=step, desc=stage, mininterval=5)
+    running = []
+    while step < total:
+        if budget.exhausted():
+            save()
+            bar.close()
+            return False
+        for g in optimizer.param_groups:
+            g["lr"] = _lr(step, total, peak_lr) * g.get("lr_scale", 1.0)
+        loss, extra = step_fn(rng, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        if ema is not None:
+            decay = min(0.999, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), ema_source.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        if step % 50 == 0:
+            _log(cfg, stage, step=step, loss=float(np.mean(running)), **extra)
+            bar.set_postfix(loss=f"{np.mean(running):.4f}")
+            running = []
+        if step % save_every == 0:
+            save()
+    save()
+    bar.close()
+    return True
+
+
+# ---------------------------------------------------------------- stages
+
+def stage_data(cfg: TrainConfig, budget: Budget) -> bool:
+    out = Path(cfg.out) / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "scenes.npz").exists():
+        D.save_pool(D.make_scene_pool(cfg.scenes, cfg.seed), out / "scenes.npz")
+    if not (out / "crops.npz").exists():
+        D.save_pool(D.make_crop_pool(cfg.crops, cfg.seed + 1), out / "crops.npz")
+    if not (out / "heldout.npz").exists():  # never trained on: for the acceptance measurements
+        D.save_pool(D.make_scene_pool(512, cfg.seed + 99), out / "heldout.npz")
+    return True
+
+
+def stage_tokenizer(cfg: TrainConfig, budget: Budget) -> bool:
+    from .tokenizer import build_tokenizer
+
+    build_tokenizer(Path(cfg.out) / "tokenizer")
+    return True
+
+
+def _tokenizer(cfg):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(Path(cfg.out) / "tokenizer"))
+
+
+def _pools(cfg):
+    d = Path(cfg.out) / "data"
+    return D.load_pool(D.ScenePool, d / "scenes.npz"), D.load_pool(D.CropPool, d / "crops.npz")
+
+
+def _tokens(tok, texts: list[str]) -> torch.Tensor:
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def stage_clip(cfg: TrainConfig, budget: Budget) -> bool:
+    """Contrastive CLIP on whole scenes with captions and object crops with their phrases."""
+    final = Path(cfg.out) / "clip" / "final"
+    if final.exists():
+        return True
+    tok = _tokenizer(cfg)
+    scenes, crops = _pools(cfg)
+    torch.manual_seed(cfg.seed)
+    model = make_clip(len(tok), tok.bos_token_id, tok.eos_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+
+    def step_fn(rng, step):
+        half = cfg.clip_batch // 2
+        si = rng.integers(0, len(scenes.images), half)
+        ci = rng.integers(0, len(crops.images), cfg.clip_batch - half)
+        images = torch.cat([D.to_tensor(scenes.images[si], CLIP_SIZE), D.to_tensor(crops.images[ci], CLIP_SIZE)])
+        texts = [scenes.caption(i, rng) for i in si] + [crops.caption(i, rng) for i in ci]
+        out = model(input_ids=_tokens(tok, texts), pixel_values=images, return_loss=True)
+        return out.loss, {}
+
+    (Path(cfg.out) / "clip").mkdir(parents=True, exist_ok=True)
+    if not _loop(cfg, "clip", cfg.clip_steps, {"clip": model}, opt, 5e-4, step_fn, budget):
+        return False
+    model.save_pretrained(final)
+    tok.save_pretrained(final)
+    return True
+
+
+def stage_vae(cfg: TrainConfig, budget: Budget) -> bool:
+    """AutoencoderKL on 64 x 64 crops of scenes (it is fully convolutional); L1 + MSE + a small KL."""
+    final = Path(cfg.out) / "vae" / "final"
+    if final.exists():
+        return True
+    scenes, crops = _pools(cfg)
+    torch.manual_seed(cfg.seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def step_fn(rng, step):
+        idx = rng.integers(0, len(scenes.images), cfg.vae_batch)
+        ys, xs = rng.integers(0, IMAGE_SIZE - 64 + 1, (2, cfg.vae_batch)) // 8 * 8
+        batch = np.stack([scenes.images[i, y:y + 64, x:x + 64] for i, y, x in zip(idx, ys, xs)])
+        x = D.to_tensor(batch)
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample()).sample
+        l1, mse = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+        kl = posterior.kl().mean() / (64 * 64 * 3)
+        psnr = 10 * math.log10(4 / max(mse.item(), 1e-10))
+        return l1 + mse + 1e-4 * kl, {"psnr": round(psnr, 2)}
+
+    (Path(cfg.out) / "vae").mkdir(parents=True, exist_ok=True)
+    if not _loop(cfg, "vae", cfg.vae_steps, {"vae": vae}, opt, 1e-3, step_fn, budget):
+        return False
+    # SD scales latents to unit variance; we measure the factor from our own data.
+    with torch.no_grad():
+        lat = vae.encode(D.to_tensor(scenes.images[:512])).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    vae.save_pretrained(final)
+    return True
+
+
+def _encode_pool(vae, images: np.ndarray, size: int | None = None, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            dist = vae.encode(D.to_tensor(images[i:i + batch], size)).latent_dist
+            means.append(dist.mean.half())
+            stds.append(dist.std.half())
+    return torch.cat(means), torch.cat(stds)
+
+
+def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
+    """UNet + a fine-tuned copy of the CLIP text tower, on whole scenes and on region-level crops."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    final = Path(cfg.out) / "unet" / "final"
+    if final.exists():
+        return True
+    out = Path(cfg.out) / "unet"
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(cfg)
+    vae = AutoencoderKL.from_pretrained(Path(cfg.out) / "vae" / "final")
+    cache = out / "latents.pt"
+    scenes, crops = _pools(cfg)
+    if not cache.exists():
+        lat = {"scenes": _encode_pool(vae, scenes.images), "crops96": _encode_pool(vae, crops.images),
+               "crops64": _encode_pool(vae, crops.images, 64)}
+        torch.save(lat, cache)
+    lat = torch.load(cache, weights_only=True)
+    scale = vae.config.scaling_factor
+    torch.manual_seed(cfg.seed)
+    unet = make_unet()
+    text = CLIPTextModel.from_pretrained(Path(cfg.out) / "clip" / "final")
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    noise_sched = make_noise_scheduler()
+    acp = noise_sched.alphas_cumprod
+    opt = torch.optim.AdamW([
+        {"params": list(unet.parameters()), "lr_scale": 1.0},
+        {"params": list(text.parameters()), "lr_scale": 0.3},
+    ], lr=5e-4, weight_decay=0.01)
+
+    def step_fn(rng, step):
+        if rng.random() < cfg.unet_crop_fraction:
+            key = "crops96" if rng.random() < 0.5 else "crops64"
+            idx = rng.integers(0, len(crops.images), cfg.unet_batch)
+            texts = [crops.caption(i, rng) for i in idx]
+        else:
+            key = "scenes"
+            idx = rng.integers(0, len(scenes.images), cfg.unet_batch)
+            texts = [scenes.caption(i, rng) for i in idx]
+        texts = ["" if rng.random() < cfg.cfg_dropout else t for t in texts]
+        mean, std = lat[key][0][idx].float(), lat[key][1][idx].float()
+        x0 = (mean + std * torch.randn_like(std)) * scale
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (len(idx),))
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = text(_tokens(tok, texts)).last_hidden_state
+        pred = unet(xt, t, cond).sample
+        return F.mse_loss(pred, noise), {"kind": key}
+
+    if not _loop(cfg, "unet", cfg.unet_steps, {"unet": unet, "text": text}, opt, 5e-4, step_fn, budget,
+                 ema=ema, ema_source=unet, save_every=200):
+        return False
+    ema.save_pretrained(final)
+    text.save_pretrained(out / "text_final")
+    return True
+
+
+def _clipseg_query(rng, scenes: D.ScenePool, i: int) -> tuple[str, np.ndarray]:
+    """A query and its target mask: an object phrase, a colour, a shape, keywords or the background."""
+    labels = scenes.labels[i]
+    objs = [(j, c, s) for j, (c, s) in enumerate(scenes.objects[i]) if c >= 0]
+    r = rng.random()
+    colors, shapes = list(COLORS), SHAPES
+    if r < 0.1:
+        name = BACKGROUNDS[scenes.backgrounds[i]]
+        return name, labels == 0
+    if r < 0.25:  # an absent object: empty mask
+        present = {(c, s) for _, c, s in objs}
+        while True:
+            c, s = rng.integers(0, len(colors)), rng.integers(0, len(shapes))
+            if (c, s) not in present:
+                return f"a {colors[c]} {shapes[s]}", np.zeros_like(labels, bool)
+    j, c, s = objs[rng.integers(0, len(objs))]
+    match = [k for k, cc, ss in objs if cc == c and ss == s]
+    form = rng.integers(0, 3)
+    text = [f"a {colors[c]} {shapes[s]}", f"{colors[c]}, {shapes[s]}", f"{colors[c]} {shapes[s]}"][form]
+    return D.pad_with_quality(text, rng, p=0.2), np.isin(labels, [k + 1 for k in match])
+
+
+def stage_clipseg(cfg: TrainConfig, budget: Budget) -> bool:
+    """CLIPSeg on our CLIP backbone, trained on ground-truth masks queried by phrases and keywords."""
+    from transformers import CLIPModel
+
+    final = Path(cfg.out) / "clipseg" / "final"
+    if final.exists():
+        return True
+    (Path(cfg.out) / "clipseg").mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(cfg)
+    scenes, _ = _pools(cfg)
+    torch.manual_seed(cfg.seed)
+    model = make_clipseg(len(tok), tok.bos_token_id, tok.eos_token_id)
+    clip = CLIPModel.from_pretrained(Path(cfg.out) / "clip" / "final")
+    model.clip.load_state_dict(clip.state_dict())
+    backbone = list(model.clip.parameters())
+    decoder = [p for n, p in model.named_parameters() if not n.startswith("clip.")]
+    opt = torch.optim.AdamW([{"params": decoder, "lr_scale": 1.0}, {"params": backbone, "lr_scale": 0.1}], lr=1e-3)
+
+    def step_fn(rng, step):
+        idx = rng.integers(0, len(scenes.images), cfg.clipseg_batch)
+        queries = [_clipseg_query(rng, scenes, i) for i in idx]
+        masks = torch.from_numpy(np.stack([m for _, m in queries])).float()[:, None]
+        masks = F.interpolate(masks, size=(CLIP_SIZE, CLIP_SIZE), mode="area")[:, 0]
+        pixels = normalize_for_clip(D.to_tensor(scenes.images[idx], CLIP_SIZE))
+        logits = model(input_ids=_tokens(tok, [q for q, _ in queries]), pixel_values=pixels).logits
+        return F.binary_cross_entropy_with_logits(logits, masks), {}
+
+    if not _loop(cfg, "clipseg", cfg.clipseg_steps, {"clipseg": model}, opt, 1e-3, step_fn, budget):
+        return False
+    model.save_pretrained(final)
+    return True
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_for_clip(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> CLIP-normalised pixels (the mean/std every CLIP image processor uses)."""
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x + 1) / 2 - mean) / std
+
+
+def stage_assemble(cfg: TrainConfig, budget: Budget) -> bool:
+    """A StableDiffusionPipeline folder plus clip/ and clipseg/, all safetensors."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPSegForImageSegmentation, CLIPTextModel
+
+    root = Path(cfg.out)
+    model_dir = root / "model"
+    tok = _tokenizer(cfg)
+    processor = CLIPImageProcessor(size={"shortest_edge": CLIP_SIZE}, crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE},
+                                   image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    scheduler = DDIMScheduler.from_config(make_noise_scheduler().config, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(root / "vae" / "final"),
+        text_encoder=CLIPTextModel.from_pretrained(root / "unet" / "text_final"),
+        tokenizer=tok, unet=UNet2DConditionModel.from_pretrained(root / "unet" / "final"), scheduler=scheduler,
+        safety_checker=None, feature_extractor=processor, requires_safety_checker=False,
+    )
+    # fp16 on disk keeps the family under 40 MB; the VAE stays fp32, its colours are sensitive to rounding.
+    for part in (pipe.unet, pipe.text_encoder):
+        part.half()
+    pipe.save_pretrained(model_dir)
+    CLIPModel.from_pretrained(root / "clip" / "final").half().save_pretrained(model_dir / "clip")
+    tok.save_pretrained(model_dir / "clip")
+    processor.save_pretrained(model_dir / "clip")
+    CLIPSegForImageSegmentation.from_pretrained(root / "clipseg" / "final").half().save_pretrained(model_dir / "clipseg")
+    tok.save_pretrained(model_dir / "clipseg")
+    processor.save_pretrained(model_dir / "clipseg")
+    (model_dir / "shapes_world.json").write_text(json.dumps({"native_size": IMAGE_SIZE, "train_config": asdict(cfg)}, indent=2))
+    return True
+
+
+STAGES = {
+    "data": stage_data, "tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae,
+    "unet": stage_unet, "clipseg": stage_clipseg, "assemble": stage_assemble,
+}
+
+
+def train(cfg: TrainConfig) -> bool:
+    """Run (or resume) the requested stages in order; returns True when all of them are complete."""
+    torch.set_num_threads(cfg.threads)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    budget = Budget(cfg.minutes)
+    for name in cfg.stages:
+        t0 = time.time()
+        done = STAGES[name](cfg, budget)
+        _log(cfg, name, event="done" if done else "paused", seconds=round(time.time() - t0, 1))
+        if not done:
+            return False
+    return True
+
+
+if __name__ == "__main__":
+    import sys
+
+    cfg = TrainConfig(out=sys.argv[1])
+    if len(sys.argv) > 2:
+        cfg.stages = sys.argv[2].split(",")
+    if len(sys.argv) > 3:
+        cfg.threads = int(sys.argv[3])
+    train(cfg)
