@@ -33,7 +33,7 @@ class TrainConfig:
     threads: int = 2
     scenes: int = 24000
     crops: int = 16000
-    clip_steps: int = 1200
+    clip_steps: int = 700
     clip_batch: int = 128
     vae_steps: int = 3000
     vae_batch: int = 32

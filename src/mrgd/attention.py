@@ -1,0 +1,226 @@
+"""Per-region attention control through diffusers' attention-processor API (method.md §3, §5).
+
+One UNet call denoises several crops at once (regions of equal crop size, source and target together).
+`AttentionState` describes the batch rows of the call in flight: which job and image each row belongs to,
+which target rows follow which source rows and how. `ControlledAttnProcessor` reads that state in every
+attention layer; it computes an explicit attention matrix only where a row is edited or a map is recorded,
+and keeps SDPA everywhere else. `controlled_attention` installs the processors for a run and restores the
+UNet's own processors afterwards, also when the run fails.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- schedules (pure)
+
+def cross_alpha(call: int, fraction: float, steps: int, schedule: str = "linear") -> float:
+    """Weight of the source's cross-attention at a region's call count (method.md §3).
+
+    linear: α = 1 − c/E for c < E, else 0, with E = int(fraction·(N+1)); step: α = 1 for c < E, else 0.
+    """
+    end = int(fraction * (steps + 1))
+    if call >= end:
+        return 0.0
+    return 1.0 if schedule == "step" else 1.0 - call / end
+
+
+def self_replace_active(call: int, fraction: float, steps: int) -> bool:
+    """Whether the target copies the source's self-attention at this call (c < int(s·N))."""
+    return call < int(fraction * steps)
+
+
+def refine_mapping(source_ids: list[int], target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align two token sequences globally; target token j takes source token mapper[j] where alpha[j] = 1.
+
+    Target tokens with no source match (inserted or replaced words) get alpha 0: their own attention stays.
+    """
+    mapper = torch.arange(len(target_ids))
+    alpha = torch.zeros(len(target_ids))
+    matcher = difflib.SequenceMatcher(a=source_ids, b=target_ids, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for offset in range(block.size):
+            mapper[block.b + offset] = block.a + offset
+            alpha[block.b + offset] = 1.0
+    return mapper, alpha
+
+
+# ---------------------------------------------------------------- the state of the call in flight
+
+@dataclass
+class Follow:
+    """A target row following a source row in one UNet call."""
+
+    source_row: int
+    target_row: int
+    cross_alpha: float  # blend weight of the edited source map in cross-attention
+    self_replace: bool  # copy the source's self-attention (low-resolution layers only)
+    mapper: torch.Tensor | None = None  # refine: target token j <- source token mapper[j]; None: same positions
+    token_alpha: torch.Tensor | None = None  # refine: 1 for matched target tokens, 0 for new ones
+
+
+@dataclass
+class AttentionState:
+    """What the processors need to know about the current UNet call."""
+
+    low_levels: frozenset[int] = frozenset()  # UNet levels where self-attention may be replaced
+    follows: list[Follow] = field(default_factory=list)
+    # Called with (layer name, level, attention probs [B, heads, N, tokens]) for cross-attention layers
+    # when set and `record_rows` is not empty; used to collect maps for keyword selection.
+    recorder: Callable[[str, int, torch.Tensor], None] | None = None
+    record_rows: list[int] = field(default_factory=list)
+    # KSSA: rows whose self-attention key columns are scaled, per level, and the keyword token positions.
+    kssa_rows: list[int] = field(default_factory=list)
+    kssa_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> keyword token positions
+    kssa_scale: float = 1.5
+    kssa_levels: frozenset[int] = frozenset()
+    _kssa_pixels: dict[int, torch.Tensor] = field(default_factory=dict)  # level -> [rows, N] bool
+
+    def reset_call(self) -> None:
+        self.follows, self.record_rows, self.kssa_rows = [], [], []
+        self.kssa_tokens, self._kssa_pixels = {}, {}
+
+
+def layer_level(name: str, num_blocks: int) -> int:
+    """How many times the UNet has downsampled before this attention layer (0 = full latent resolution)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return int(parts[1])
+    if parts[0] == "up_blocks":
+        return num_blocks - 1 - int(parts[1])
+    return num_blocks - 1  # mid_block
+
+
+def attention_levels(unet) -> list[int]:
+    """Levels that hold attention layers, finest first."""
+    n = len(unet.config.block_out_channels)
+    return sorted({layer_level(name, n) for name in unet.attn_processors})
+
+
+class ControlledAttnProcessor:
+    """diffusers' SDPA attention, plus per-row cross/self-attention replacement, recording and KSSA."""
+
+    def __init__(self, state: AttentionState, name: str, level: int, is_cross: bool):
+        self.state, self.name, self.level, self.is_cross = state, name, level, is_cross
+        self.in_down = name.startswith("down_blocks")
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            seq = (encoder_hidden_states if encoder_hidden_states is not None else hidden_states).shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = self._attend(attn, query, key, value, attention_mask)
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _attend(self, attn, query, key, value, mask):
+        state = self.state
+        if self.is_cross:
+            follows = [f for f in state.follows if f.cross_alpha > 0]
+            explicit = bool(follows) or (state.recorder is not None and bool(state.record_rows)) or self._kssa_source()
+        else:
+            follows = [f for f in state.follows if f.self_replace] if self.level in state.low_levels else []
+            explicit = bool(follows)
+            key = self._kssa_keys(key)
+        if not explicit:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        scale = attn.scale if hasattr(attn, "scale") else 1 / math.sqrt(query.shape[-1])
+        logits = query @ key.transpose(-1, -2) * scale
+        if mask is not None:
+            logits = logits + mask
+        if self.is_cross and self._kssa_source():
+            self._remember_kssa_pixels(logits)
+        probs = logits.softmax(dim=-1)
+        if self.is_cross and state.recorder is not None and state.record_rows:
+            state.recorder(self.name, self.level, probs[state.record_rows])
+        if follows:
+            probs = probs.clone()
+            for f in follows:
+                probs[f.target_row] = self._edit(probs[f.source_row], probs[f.target_row], f)
+        return probs @ value
+
+    def _edit(self, source: torch.Tensor, target: torch.Tensor, f: Follow) -> torch.Tensor:
+        if not self.is_cross:
+            return source
+        edited = source
+        if f.mapper is not None:
+            edited = source[..., f.mapper] * f.token_alpha + target * (1 - f.token_alpha)
+        return f.cross_alpha * edited + (1 - f.cross_alpha) * target
+
+    # KSSA (method.md §5): keyword logits in a down-block cross-attention pick the top half of pixels; the
+    # next self-attention at that level scales those key columns, i.e. those key vectors, by the KSSA scale.
+    def _kssa_source(self) -> bool:
+        return bool(self.state.kssa_rows) and self.in_down and self.level in self.state.kssa_levels
+
+    def _remember_kssa_pixels(self, logits: torch.Tensor) -> None:
+        state = self.state
+        picked = []
+        for row in state.kssa_rows:
+            tokens = state.kssa_tokens[row]
+            score = logits[row][..., tokens].sum(dim=(0, 2))  # over heads and keyword columns -> [N]
+            top = torch.zeros_like(score, dtype=torch.bool)
+            top[score.topk(max(1, score.numel() // 2)).indices] = True
+            picked.append(top)
+        state._kssa_pixels[self.level] = torch.stack(picked)
+
+    def _kssa_keys(self, key: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        pixels = state._kssa_pixels.pop(self.level, None) if self.in_down else None
+        if pixels is None or pixels.shape[-1] != key.shape[-2]:
+            return key
+        factor = torch.ones(key.shape[0], 1, key.shape[2], 1, dtype=key.dtype, device=key.device)
+        for i, row in enumerate(state.kssa_rows):
+            factor[row, 0, pixels[i], 0] = state.kssa_scale
+        return key * factor
+
+
+@contextmanager
+def controlled_attention(unet, state: AttentionState) -> Iterator[AttentionState]:
+    """Install controlled processors on every attention layer for the duration of a run, then restore."""
+    original = unet.attn_processors
+    n = len(unet.config.block_out_channels)
+    processors = {
+        name: ControlledAttnProcessor(state, name, layer_level(name, n), name.endswith("attn2.processor"))
+        for name in original
+    }
+    unet.set_attn_processor(processors)
+    try:
+        yield state
+    finally:
+        unet.set_attn_processor(original)

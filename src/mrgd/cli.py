@@ -1,0 +1,224 @@
+"""The `mrgd` command line: generate, edit, import-webui, train-toy.
+
+Exit codes: 0 done, 2 bad input (one line naming the field and the fix), 1 internal failure. Outputs are written
+to a hidden staging folder and moved into place only when everything succeeded, so an interrupted or failed run
+never leaves a half-written folder, and existing files are kept unless --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Multi-region, text-driven image generation and editing with diffusion models (MRGD).")
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="diffusers folder, hub id or .safetensors file; default: the embedded shapes-world model")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="override the file's seed")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="override the file's number of DDIM steps")]
+OutOpt = Annotated[Path, typer.Option("-o", "--output", help="output folder")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite files that already exist in the output folder")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="allow pickle weights (.ckpt/.bin): only for files you trust")]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"mrgd: error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def _staged_output(out: Path, names: list[str], force: bool):
+    """Yield a staging folder; on success move its files into `out` (refusing to overwrite unless forced)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o: {out} exists and is not a folder; choose another output path")
+    clashes = [n for n in names if (out / n).exists()]
+    if clashes and not force:
+        raise InputError(f"-o: {out / clashes[0]} already exists; choose another folder or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    stage.mkdir(parents=True, exist_ok=True)
+    try:
+        yield stage
+        out.mkdir(parents=True, exist_ok=True)
+        for item in stage.iterdir():
+            item.replace(out / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _load_pipe(model: str | None, device: str, dtype: str, allow_pickle: bool, guidance_model: str | None = None):
+    from .models import DEFAULT_MODEL, load_pipeline, parse_device, parse_dtype
+
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    path = model or str(DEFAULT_MODEL)
+    if model is None and not (DEFAULT_MODEL / "model_index.json").exists():
+        raise InputError("--model: the embedded model is missing from this install; reinstall mrgd or pass --model")
+    return load_pipeline(path, device=dev, dtype=dt, allow_pickle=allow_pickle, guidance_model=guidance_model)
+
+
+def _progress(total_steps: int):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, desc="denoising", disable=not sys.stderr.isatty(), leave=False)
+
+    def callback(state: dict) -> None:
+        bar.update(1)
+
+    return bar, callback
+
+
+def _write_info(stage: Path, info: dict, extra: dict) -> None:
+    (stage / "info.json").write_text(json.dumps({**info, **extra}, indent=2, default=str) + "\n")
+
+
+def _apply_overrides(edit, seed, steps, method=None):
+    update = {k: v for k, v in (("seed", seed), ("steps", steps)) if v is not None}
+    if method is not None:
+        update["mrgd"] = {**edit.mrgd.model_dump(), "method": method}
+    if not update:
+        return edit
+    from .layout import Edit
+
+    return Edit.from_dict({**edit.to_dict(), **update}, source="command line")
+
+
+@app.command()
+def generate(
+    layout_file: Annotated[Path, typer.Argument(help="layout file (.json/.yaml): regions with prompts, no target_prompt")],
+    output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
+    seed: SeedOpt = None, steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
+) -> None:
+    """Generate one image from a multi-region layout (MultiDiffusion). Writes image.png, layout.json, info.json."""
+    from .layout import Edit, Layout
+    from .render import save_png
+
+    t0 = time.perf_counter()
+    layout = Layout.load(layout_file)
+    edit = _apply_overrides(Edit.from_layout(layout), seed, steps)
+    layout = edit.source()
+    with _staged_output(output, ["image.png", "layout.json", "info.json"], force) as stage:
+        pipe = _load_pipe(model, device, dtype, allow_pickle)
+        bar, callback = _progress(layout.steps)
+        result = pipe.generate(layout, callback=callback)
+        bar.close()
+        config = layout.to_dict()
+        save_png(result.image, stage / "image.png", config, pipe.name)
+        layout.save(stage / "layout.json")
+        _write_info(stage, result.info, {"wall_seconds": round(time.perf_counter() - t0, 3)})
+    typer.echo(f"wrote {output}/image.png, layout.json, info.json in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def edit(
+    edit_file: Annotated[Path, typer.Argument(help="edit file (.json/.yaml) in mrgd's format")],
+    output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
+    method: Annotated[Optional[str], typer.Option("--method", help="multidiffusion | p2p | mrgd")] = None,
+    seed: SeedOpt = None, steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
+) -> None:
+    """Edit: denoise source and target side by side. Writes source.png, target.png, grid.png, edit.json, info.json."""
+    from .layout import Edit
+    from .render import edit_grid, save_png
+
+    t0 = time.perf_counter()
+    if method is not None and method not in ("multidiffusion", "p2p", "mrgd"):
+        raise InputError(f"--method: unknown method {method!r}; use multidiffusion, p2p or mrgd")
+    the_edit = _apply_overrides(Edit.load(edit_file), seed, steps, method)
+    names = ["source.png", "target.png", "grid.png", "edit.json", "info.json"]
+    with _staged_output(output, names, force) as stage:
+        pipe = _load_pipe(model, device, dtype, allow_pickle)
+        bar, callback = _progress(the_edit.steps)
+        result = pipe.edit(the_edit, callback=callback)
+        bar.close()
+        config = the_edit.to_dict()
+        save_png(result.source, stage / "source.png", config, pipe.name, "source")
+        save_png(result.target, stage / "target.png", config, pipe.name, "target")
+        save_png(edit_grid(result.source, result.target, the_edit), stage / "grid.png", config, pipe.name, "target")
+        the_edit.save(stage / "edit.json")
+        _write_info(stage, result.info, {"wall_seconds": round(time.perf_counter() - t0, 3)})
+    for note in result.info.get("notes", []):
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"wrote {output}/source.png, target.png, grid.png, edit.json, info.json "
+               f"in {time.perf_counter() - t0:.1f} s ({result.info['unet_calls']} UNet calls)")
+
+
+@app.command("import-webui")
+def import_webui_cmd(
+    config_file: Annotated[Path, typer.Argument(help="the WebUI extension's {\"bbox_controls\": [...]} JSON file")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="edit file to write (.json/.yaml)")],
+    prompt: Annotated[str, typer.Option("--prompt", help="global prompt (kept outside the WebUI file)")] = "",
+    negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    size: Annotated[tuple[int, int], typer.Option("--size", help="W H in pixels")] = (512, 512),
+    force: ForceOpt = False,
+) -> None:
+    """Convert a WebUI extension region file into an mrgd edit file."""
+    from .webui_import import import_webui, load_webui
+
+    if output.exists() and not force:
+        raise InputError(f"-o: {output} already exists; choose another path or pass --force")
+    edit_obj, warnings = import_webui(load_webui(config_file), prompt=prompt, negative_prompt=negative_prompt,
+                                      seed=seed, size=size)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    edit_obj.save(output)
+    roles = edit_obj.roles()
+    summary = ", ".join(f"{k} ({v})" for k, v in roles.items())
+    typer.echo(f"wrote {output}: {len(roles)} regions: {summary}")
+
+
+@app.command("train-toy")
+def train_toy(
+    output: Annotated[Path, typer.Option("-o", "--output", help="training folder (resumable)")],
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="pause (resumably) after this many minutes")] = None,
+    stages: Annotated[str, typer.Option("--stages", help="comma-separated subset of data,tokenizer,clip,vae,unet,clipseg,assemble")] = "data,tokenizer,clip,vae,unet,clipseg,assemble",
+    threads: Annotated[int, typer.Option("--threads")] = 2,
+) -> None:
+    """Train the embedded shapes-world model family from nothing (fixed seeds, resumable)."""
+    from .toyworld.train import STAGES, TrainConfig, train
+
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise InputError(f"--stages: unknown stage {unknown[0]!r}; use some of {', '.join(STAGES)}")
+    done = train(TrainConfig(out=str(output), stages=chosen, minutes=minutes, threads=threads))
+    typer.echo(f"{'finished' if done else 'paused (run again to resume)'}: {output}"
+               + (f"; the model folder is {output}/model" if done and "assemble" in chosen else ""))
+
+
+def main() -> None:
+    """Console entry point: turn our errors into one line and an exit code."""
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except InputError as err:
+        _fail(str(err), 2)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        _fail("aborted", 1)
+    except Exception as err:  # noqa: BLE001 - the last line of defence of a command-line tool
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if os.environ.get("MRGD_DEBUG"):
+            raise
+        _fail(f"internal failure: {type(err).__name__}: {err} (set MRGD_DEBUG=1 for the traceback)", 1)
+
+
+if __name__ == "__main__":
+    main()

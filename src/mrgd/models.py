@@ -1,0 +1,95 @@
+"""Loading model families: a diffusers folder, a hub id, or the embedded shapes-world default.
+
+Weights load through safetensors. Pickle-based files (.ckpt, .bin, .pt) can run code when loaded, so they are
+refused unless the caller passes allow_pickle=True (`--allow-pickle` on the command line).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes-v1"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InputError(f"--dtype: unknown dtype {name!r}; use one of float32, float16, bfloat16")
+    return DTYPES[name]
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device: unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device: {name} asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def _has_pickle_only(folder: Path) -> bool:
+    weights = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES + (".safetensors",)]
+    return bool(weights) and not any(p.suffix == ".safetensors" for p in weights)
+
+
+def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  allow_pickle: bool = False, guidance_model: str | None = None):
+    """Build an MRGDPipeline from a diffusers folder or hub id; guidance (CLIPSeg) and scorer (CLIP) if present."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .pipeline import MRGDPipeline
+
+    local = Path(path)
+    if local.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise InputError(f"--model: {path} is a pickle file, which can run code when loaded; "
+                         "convert it to .safetensors or pass --allow-pickle if you trust it")
+    if local.suffix == ".safetensors" or local.suffix in PICKLE_SUFFIXES:
+        if not local.exists():
+            raise InputError(f"--model: {path} not found; check the path")
+        sd = StableDiffusionPipeline.from_single_file(str(local), torch_dtype=dtype)
+    elif local.exists():
+        if not (local / "model_index.json").exists():
+            raise InputError(f"--model: {path} is not a diffusers folder (no model_index.json); "
+                             "give a folder saved by save_pretrained, a hub id or a .safetensors file")
+        if _has_pickle_only(local) and not allow_pickle:
+            raise InputError(f"--model: {path} holds only pickle weights, which can run code when loaded; "
+                             "convert them to safetensors or pass --allow-pickle if you trust them")
+        sd = StableDiffusionPipeline.from_pretrained(str(local), torch_dtype=dtype, safety_checker=None,
+                                                     use_safetensors=None if allow_pickle else True)
+    else:
+        try:
+            sd = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+                                                         use_safetensors=None if allow_pickle else True)
+        except Exception as err:  # network, missing repo, gated model: all the same to the user
+            raise InputError(f"--model: cannot load {path!r} ({type(err).__name__}); "
+                             "give a local diffusers folder, a .safetensors file or a reachable hub id") from None
+    scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+    guidance, guidance_tok, scorer, scorer_tok = _auxiliary(local, guidance_model, dtype)
+    return MRGDPipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, scheduler, guidance, guidance_tok,
+                        scorer, scorer_tok, device=device, dtype=dtype, name=str(path))
+
+
+def _auxiliary(folder: Path, guidance_model: str | None, dtype: torch.dtype):
+    """The guidance model (CLIPSeg) and scorer (CLIP) shipped beside a model family, when there are any."""
+    from transformers import AutoTokenizer, CLIPModel, CLIPSegForImageSegmentation
+
+    guidance = guidance_tok = scorer = scorer_tok = None
+    seg_path = Path(guidance_model) if guidance_model else folder / "clipseg"
+    if guidance_model or seg_path.exists():
+        try:
+            guidance = CLIPSegForImageSegmentation.from_pretrained(str(seg_path), torch_dtype=torch.float32)
+            guidance_tok = AutoTokenizer.from_pretrained(str(seg_path))
+        except Exception as err:
+            raise InputError(f"--guidance-model: cannot load {seg_path} ({type(err).__name__}); "
+                             "give a CLIPSeg folder or hub id such as CIDAS/clipseg-rd64-refined") from None
+    if (folder / "clip").exists():
+        scorer = CLIPModel.from_pretrained(str(folder / "clip"), torch_dtype=torch.float32)
+        scorer_tok = AutoTokenizer.from_pretrained(str(folder / "clip"))
+    return guidance, guidance_tok, scorer, scorer_tok

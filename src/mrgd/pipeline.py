@@ -1,0 +1,339 @@
+"""MRGDPipeline: multi-region generation and editing, read top to bottom.
+
+`edit()` follows one edit from the layout to the pictures: 1. resolve regions and controls, 2. encode prompts,
+3. prepare timesteps and the shared initial noise, 4. the denoising loop (crops -> batched UNet calls under
+attention control -> DDIM per crop -> layered composite -> optional guidance), 5. decode. Each step calls into the
+module that owns its concept; this file only knows the order of things.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import fusion
+from .attention import AttentionState, Follow, attention_levels, controlled_attention, cross_alpha, refine_mapping, self_replace_active
+from .ddim import alphas_at, ddim_step, to_epsilon
+from .layout import Edit, Layout, LayoutRegion, Settings
+from .prompts import EncodedPrompt, PromptEncoder
+
+SOURCE, TARGET = 0, 1
+TOTAL, CANVAS = "__total__", "__canvas__"  # keys of the derived regions r_total and the uncovered-pixel fallback
+
+
+@dataclass
+class Job:
+    """One crop of one image, denoised with one prompt at one step."""
+
+    key: str  # region id, TOTAL or CANVAS
+    image: int  # SOURCE or TARGET
+    box: fusion.LatentBox
+    layer: str  # "background" or "foreground" in the composite
+    cond: EncodedPrompt
+    uncond: EncodedPrompt
+    mask: torch.Tensor | None = None  # feather mask (foreground layer)
+
+
+@dataclass
+class RegionPlan:
+    """A region as the sampler sees it in one image."""
+
+    key: str
+    layer: str
+    box: fusion.LatentBox
+    prompt: str
+    negative: str
+    mask: torch.Tensor | None
+    control: str  # background | inherent | modified | added | removed | total
+    first_step: int = 0
+
+
+@dataclass
+class EditResult:
+    source: Image.Image
+    target: Image.Image | None
+    info: dict[str, Any]
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class GenerateResult:
+    image: Image.Image
+    info: dict[str, Any]
+
+
+class MRGDPipeline:
+    """Multi-region generation and editing on any Stable-Diffusion-shaped model family.
+
+    Components are the diffusers ones (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) and are swappable
+    like in diffusers. `guidance_model` (CLIPSeg) and `scorer` (CLIP) are optional.
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, guidance_model=None, guidance_tokenizer=None,
+                 scorer=None, scorer_tokenizer=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 name: str = "custom"):
+        self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = unet, vae, text_encoder, tokenizer, scheduler
+        self.guidance_model, self.guidance_tokenizer = guidance_model, guidance_tokenizer
+        self.scorer, self.scorer_tokenizer = scorer, scorer_tokenizer
+        self.device, self.dtype, self.name = torch.device(device), dtype, name
+        for module in (unet, vae, text_encoder, guidance_model, scorer):
+            if module is not None:
+                module.to(self.device, self.dtype).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> MRGDPipeline:
+        """Load from a diffusers folder, a hub id or a single-file checkpoint (see `mrgd.models`)."""
+        from .models import load_pipeline
+
+        return load_pipeline(path, **kwargs)
+
+    @classmethod
+    def default(cls, **kwargs) -> MRGDPipeline:
+        """The embedded shapes-world model family."""
+        from .models import DEFAULT_MODEL, load_pipeline
+
+        return load_pipeline(str(DEFAULT_MODEL), **kwargs)
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def unet_multiple(self) -> int:
+        # Each UNet level halves the crop; sizes must divide evenly to come back up to the same size.
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, layout: Layout, callback: Callable[[dict], None] | None = None) -> GenerateResult:
+        """Generate one image from a layout (MultiDiffusion over its regions, method.md §2)."""
+        edit = Edit.from_layout(layout, Settings(method="multidiffusion"))
+        result = self.edit(edit, callback=callback, images=(SOURCE,))
+        return GenerateResult(result.source, result.info)
+
+    def edit(self, edit: Edit, callback: Callable[[dict], None] | None = None, images: tuple[int, ...] = (SOURCE, TARGET),
+             start_latents: torch.Tensor | None = None, null_embeds: dict | None = None) -> EditResult:
+        """Denoise the source and target of an edit side by side and return both pictures."""
+        timer = _Timer()
+        settings = edit.mrgd
+        steps = edit.steps
+        layouts = {SOURCE: edit.source(), TARGET: edit.target()}
+        encoder = PromptEncoder(self.tokenizer, self.text_encoder, self.device, self.dtype)
+
+        # 1. Regions of each image, with their control kinds (method.md §1, §3).
+        plans = {i: self._plan_regions(edit, layouts[i], i, steps) for i in images}
+        levels = attention_levels(self.unet)
+        state = AttentionState(low_levels=frozenset(levels[-2:]))
+        info: dict[str, Any] = {"unet_calls": 0, "unet_batch_sizes": [], "notes": []}
+
+        # 2. Prompts; the empty negative of a region may be replaced by an inverted null embedding (§7).
+        with timer("encode"):
+            encoded = {(i, p.key): (encoder.encode(p.prompt), encoder.encode(p.negative))
+                       for i in images for p in plans[i]}
+            follows_setup = self._control_setup(plans, encoded, settings, info) if len(images) == 2 else {}
+
+        # 3. Timesteps and the initial noise, shared by source and target.
+        self.scheduler.set_timesteps(steps, device="cpu")
+        h, w = edit.size[1] // self.latent_factor, edit.size[0] // self.latent_factor
+        seeded = [(fusion.latent_box(r.box, edit.size, self.latent_factor), r.seed)
+                  for r in edit.regions if r.seed is not None]
+        if start_latents is None:
+            generator = torch.Generator("cpu").manual_seed(edit.seed)
+            noise = fusion.initial_noise((1, self.unet.config.in_channels, h, w), generator, seeded)
+            noise = noise * self.scheduler.init_noise_sigma
+        else:
+            noise = start_latents
+        latents = {i: noise.to(self.device, self.dtype) for i in images}
+
+        # 4. The denoising loop.
+        with controlled_attention(self.unet, state), torch.no_grad():
+            for k, t in enumerate(self.scheduler.timesteps.tolist()):
+                alpha, alpha_prev = alphas_at(self.scheduler, t)
+                jobs = [self._job(i, p, encoded, null_embeds, k) for i in images for p in plans[i] if k >= p.first_step]
+                with timer("unet"):
+                    outputs = self._run_jobs(jobs, latents, t, alpha, alpha_prev, edit.guidance_scale, state,
+                                             follows_setup, k, steps, settings, info)
+                with timer("fusion"):
+                    fused = {i: self._fuse(jobs, outputs, i, latents[i]) for i in images}
+                latents = {i: fused[i][0] for i in images}
+                if callback is not None:
+                    callback({"step": k, "steps": steps, "timestep": t, "latents": latents,
+                              "x0": {i: fused[i][1] for i in images}})
+
+        # 5. Decode.
+        with timer("decode"):
+            pictures = {i: self.decode(latents[i]) for i in images}
+        info.update(self._describe(edit, images, timer))
+        return EditResult(pictures[SOURCE] if SOURCE in pictures else None, pictures.get(TARGET), info,
+                          {("source", "target")[i]: latents[i].cpu() for i in images})
+
+    # ------------------------------------------------------------------ steps of the loop
+    def _plan_regions(self, edit: Edit, layout: Layout, image: int, steps: int) -> list[RegionPlan]:
+        settings = edit.mrgd
+        by_id = edit.regions_by_id()
+        plans = []
+        for region in layout.regions:
+            plans.append(self._region_plan(layout, region, edit.size, by_id[region.id].control))
+        if image == SOURCE and settings.add_in_source:
+            # research-code option: added boxes are also denoised in the source, with the global prompt only
+            for region in edit.regions:
+                if region.role == "added":
+                    plan = self._region_plan(layout, LayoutRegion(**region.model_dump(exclude={"prompt", "target_prompt"}),
+                                                                  prompt=""), edit.size, "added")
+                    plan.prompt = layout.prompt
+                    plans.append(plan)
+        full = fusion.LatentBox(0, edit.size[1] // self.latent_factor, 0, edit.size[0] // self.latent_factor)
+        if settings.method != "multidiffusion" and settings.use_total and layout.regions:
+            # r_total joins for the last floor(T*N) + 1 steps (method.md §1)
+            first = max(0, steps - (int(edit.total_fraction * steps) + 1))
+            plans.append(RegionPlan(TOTAL, "foreground", full, layout.total_prompt(), layout.negative_prompt,
+                                    torch.ones(full.size), "total", first))
+        backgrounds = [p.box for p in plans if p.layer == "background"]
+        if fusion.needs_canvas_fallback(full.size, backgrounds):
+            plans.insert(0, RegionPlan(CANVAS, "canvas", full, layout.prompt, layout.negative_prompt, None, "background"))
+        return plans
+
+    def _region_plan(self, layout: Layout, region: LayoutRegion, size, control: str) -> RegionPlan:
+        box = fusion.latent_box(region.box, size, self.latent_factor)
+        mask = None if region.kind == "background" else fusion.feather_mask(box.h, box.w, region.feather)
+        return RegionPlan(region.id, region.kind, box, layout.region_prompt(region), layout.region_negative(region),
+                          mask, control)
+
+    def _control_setup(self, plans, encoded, settings: Settings, info) -> dict[str, dict]:
+        """Per region present in both images: how its target rows follow its source rows (method.md §3)."""
+        if settings.method == "multidiffusion":
+            return {}
+        setup = {}
+        source_plans = {p.key: p for p in plans[SOURCE]}
+        for plan in plans[TARGET]:
+            if plan.key not in source_plans or plan.control in ("added", "removed"):
+                continue
+            kind = "background" if plan.key == CANVAS else plan.control
+            cross, self_ = settings.replace_fractions(kind)
+            src, tgt = encoded[(SOURCE, plan.key)][0], encoded[(TARGET, plan.key)][0]
+            mapper = alpha = None
+            if kind == "total" or (kind == "modified" and src.length != tgt.length):
+                if kind == "modified":
+                    info["notes"].append(f"region {plan.key!r}: source and target prompts differ in token length "
+                                         f"({src.length} vs {tgt.length}); word swap fell back to refine")
+                mapper, alpha = refine_mapping(src.token_ids, tgt.token_ids)
+                mapper, alpha = mapper.to(self.device), alpha.to(self.device, self.dtype)
+            setup[plan.key] = {"cross": cross, "self": self_, "mapper": mapper, "alpha": alpha,
+                               "first": plan.first_step}
+        return setup
+
+    def _job(self, image: int, plan: RegionPlan, encoded, null_embeds, step: int) -> Job:
+        cond, uncond = encoded[(image, plan.key)]
+        if null_embeds is not None and (image, plan.key) in null_embeds:
+            uncond = EncodedPrompt(null_embeds[(image, plan.key)][step], uncond.token_ids, uncond.length)
+        return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask)
+
+    def _run_jobs(self, jobs: list[Job], latents, t, alpha, alpha_prev, scale, state: AttentionState, setup, step,
+                  steps, settings: Settings, info) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Batch equal-size crops into one UNet call each (rows [uncond..., cond...]); DDIM-step every crop."""
+        outputs: list[Any] = [None] * len(jobs)
+        # Crops of different sizes that pad to the same size share a call too: padding is per crop.
+        padded = [fusion.pad_to_multiple(latents[j.image][j.box.slices], self.unet_multiple)[0] for j in jobs]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, crop in enumerate(padded):
+            groups[tuple(crop.shape[-2:])].append(i)
+        for indices in groups.values():
+            group = [jobs[i] for i in indices]
+            embeds = torch.cat([j.uncond.embeds for j in group] + [j.cond.embeds for j in group])
+            state.reset_call()
+            state.follows = self._follows(group, setup, step, steps, settings.schedule)
+            batch = torch.cat([padded[i] for i in indices])
+            model_in = torch.cat([batch, batch])
+            out = self.unet(model_in, t, encoder_hidden_states=embeds).sample
+            info["unet_calls"] += 1
+            info["unet_batch_sizes"].append(model_in.shape[0])
+            out_uncond, out_cond = out.chunk(2)
+            guided = out_uncond + scale * (out_cond - out_uncond)
+            for n, (i, job) in enumerate(zip(indices, group)):
+                crop = latents[job.image][job.box.slices]
+                eps = to_epsilon(fusion.unpad(guided[n : n + 1], job.box.size), crop, alpha,
+                                 self.scheduler.config.prediction_type)
+                outputs[i] = ddim_step(crop, eps, alpha, alpha_prev)
+        return outputs
+
+    def _follows(self, group: list[Job], setup, step: int, steps: int, schedule: str) -> list[Follow]:
+        """Target cond rows that follow their source cond rows in this call; only cond rows are edited."""
+        follows = []
+        rows = {(j.key, j.image): len(group) + n for n, j in enumerate(group)}  # cond rows come second
+        for key, params in setup.items():
+            if (key, SOURCE) not in rows or (key, TARGET) not in rows:
+                continue
+            call = step - params["first"]
+            follows.append(Follow(rows[(key, SOURCE)], rows[(key, TARGET)],
+                                  cross_alpha(call, params["cross"], steps, schedule),
+                                  self_replace_active(call, params["self"], steps), params["mapper"], params["alpha"]))
+        return follows
+
+    def _fuse(self, jobs: list[Job], outputs, image: int, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layered composite (method.md §2) of x_{t−1} and of x̂0 for one image."""
+        fused = []
+        for which in (0, 1):
+            canvas = torch.zeros_like(current)
+            backgrounds, foregrounds = [], []
+            for job, out in zip(jobs, outputs):
+                if job.image != image:
+                    continue
+                if job.layer == "canvas":
+                    canvas = out[which]
+                elif job.layer == "background":
+                    backgrounds.append((job.box, out[which]))
+                else:
+                    foregrounds.append((job.box, out[which], job.mask.to(current)))
+            fused.append(fusion.composite(canvas, backgrounds, foregrounds))
+        return fused[0], fused[1]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """Latents -> PIL, as diffusers' image processor does (round half to even at 255)."""
+        image = self.decode_tensor(latents)
+        array = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+        return Image.fromarray((array[0] * 255).round().astype(np.uint8))
+
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> image tensor in [-1, 1] (differentiable, for guidance)."""
+        config = self.vae.config
+        scaled = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        return self.vae.decode(scaled, return_dict=False)[0]
+
+    def _describe(self, edit: Edit, images, timer: _Timer) -> dict[str, Any]:
+        import diffusers
+        import transformers
+
+        return {
+            "model": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "method": edit.mrgd.method, "size": list(edit.size), "steps": edit.steps, "images": len(images),
+            "seconds": timer.seconds, "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                                                   "transformers": transformers.__version__},
+        }
+
+
+class _Timer:
+    """Wall time per phase, summed over the run."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._start = time.perf_counter()
+
+    def __call__(self, phase: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[phase] = round(timer.seconds[phase] + time.perf_counter() - self.t0, 4)
+
+        return _Phase()
