@@ -51,3 +51,27 @@ def tiny_pipe(tiny_components):
     from mrgd.pipeline import MRGDPipeline
 
     return MRGDPipeline(**tiny_components, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_components, tmp_path_factory):
+    """The tiny family saved as a diffusers folder (safetensors), for CLI and loader tests."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    sd = StableDiffusionPipeline(**tiny_components, safety_checker=None, feature_extractor=None,
+                                 requires_safety_checker=False)
+    sd.save_pretrained(folder)
+    return folder
+
+
+THREE_REGION_EDIT = {
+    "size": [64, 64], "prompt": "masterpiece", "seed": 7, "steps": 5,
+    "regions": [
+        {"id": "ground", "kind": "background", "box": [0, 0, 1, 1], "prompt": "grass"},
+        {"id": "ball", "box": [0.05, 0.5, 0.4, 0.45], "prompt": "a red circle", "seed": 11},
+        {"id": "kite", "box": [0.5, 0.05, 0.45, 0.4], "prompt": "a blue square", "target_prompt": "a yellow square"},
+        {"id": "toy", "box": [0.55, 0.55, 0.4, 0.4], "target_prompt": "a purple star"},
+        {"id": "rock", "box": [0.05, 0.05, 0.3, 0.3], "prompt": "an orange triangle", "target_prompt": None},
+    ],
+}
