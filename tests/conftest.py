@@ -35,10 +35,10 @@ def make_tiny_components(tokenizer_dir, seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    from mrgd.toyworld.tokenizer import build_tokenizer
+def tokenizer_dir():
+    from mrgd.models import DEFAULT_MODEL
 
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    return DEFAULT_MODEL / "tokenizer"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,53 @@
+"""The shapes world: seeded scenes with ground truth, captions, and the offline tokenizer."""
+
+import json
+
+import numpy as np
+
+from mrgd.toyworld.world import BACKGROUNDS, COLORS, QUALITY_WORDS, SHAPES, caption_scene, make_scene, word_roles
+
+
+def test_scenes_are_seeded_and_carry_ground_truth():
+    a, b = make_scene(np.random.default_rng(5)), make_scene(np.random.default_rng(5))
+    assert np.array_equal(a.image, b.image) and a.background == b.background
+    assert a.background in BACKGROUNDS and 1 <= len(a.objects) <= 3
+    for obj in a.objects:
+        x, y, w, h = obj.box
+        assert 0 <= x < 1 and 0 <= y < 1 and w > 0.1 and h > 0.1
+        assert obj.color in COLORS and obj.shape in SHAPES
+        ys, xs = np.nonzero(obj.mask)
+        if len(xs):  # the visible mask lies inside the box
+            assert xs.min() >= int(x * 128) and xs.max() < round((x + w) * 128) + 1
+
+
+def test_object_pixels_have_the_object_colour():
+    scene = make_scene(np.random.default_rng(1), n_objects=1)
+    obj = scene.objects[0]
+    inner = scene.image[obj.mask].astype(float)
+    assert np.abs(np.median(inner, axis=0) - np.array(COLORS[obj.color])).max() < 30
+
+
+def test_captions_name_objects_and_quality_words_are_independent():
+    rng = np.random.default_rng(0)
+    scene = make_scene(rng, n_objects=2)
+    texts = [caption_scene(scene, rng) for _ in range(200)]
+    assert all(o.phrase in t for t in texts for o in scene.objects)
+    padded = [t for t in texts if any(q in t for q in QUALITY_WORDS)]
+    assert 0.3 < len(padded) / len(texts) < 0.7
+    roles = dict(word_roles("masterpiece, a red circle on grass"))
+    assert roles == {"masterpiece": "quality", "a": "filler", "red": "color", "circle": "object", "on": "filler",
+                     "grass": "background"}
+
+
+def test_tokenizer_is_rebuilt_identically(tmp_path, tokenizer_dir):
+    from transformers import CLIPTokenizer
+
+    from mrgd.toyworld.tokenizer import build_tokenizer
+
+    rebuilt = build_tokenizer(tmp_path / "tok")
+    assert json.loads((rebuilt / "vocab.json").read_text()) == json.loads((tokenizer_dir / "vocab.json").read_text())
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = tok("masterpiece, a purple star on the sea").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id == len(tok) - 1
+    # every world word is a single token, as in OpenAI CLIP
+    assert len(ids) == 2 + len("masterpiece , a purple star on the sea".split())
