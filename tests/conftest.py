@@ -75,3 +75,26 @@ THREE_REGION_EDIT = {
         {"id": "rock", "box": [0.05, 0.05, 0.3, 0.3], "prompt": "an orange triangle", "target_prompt": None},
     ],
 }
+
+
+def make_tiny_clipseg(tokenizer, seed: int = 3):
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=4)
+    return CLIPSegForImageSegmentation(CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=16,
+                                                     extract_layers=[1], reduce_dim=16,
+                                                     decoder_num_attention_heads=2, decoder_intermediate_size=32))
+
+
+@pytest.fixture()
+def tiny_guided_pipe(tiny_components):
+    from mrgd.pipeline import MRGDPipeline
+
+    seg = make_tiny_clipseg(tiny_components["tokenizer"])
+    return MRGDPipeline(**tiny_components, guidance_model=seg, guidance_tokenizer=tiny_components["tokenizer"],
+                        name="tiny")

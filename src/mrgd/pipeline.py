@@ -21,6 +21,7 @@ from PIL import Image
 from . import fusion
 from .attention import AttentionState, Follow, attention_levels, controlled_attention, cross_alpha, refine_mapping, self_replace_active
 from .ddim import alphas_at, ddim_step, to_epsilon
+from .guidance import Segmenter
 from .layout import Edit, Layout, LayoutRegion, Settings
 from .prompts import EncodedPrompt, PromptEncoder
 
@@ -139,6 +140,8 @@ class MRGDPipeline:
                        for i in images for p in plans[i]}
             follows_setup = self._control_setup(plans, encoded, settings, info) if len(images) == 2 else {}
 
+        guide = self._guide(edit, plans, info) if len(images) == 2 else None
+
         # 3. Timesteps and the initial noise, shared by source and target.
         self.scheduler.set_timesteps(steps, device="cpu")
         h, w = edit.size[1] // self.latent_factor, edit.size[0] // self.latent_factor
@@ -162,6 +165,9 @@ class MRGDPipeline:
                                              follows_setup, k, steps, settings, info)
                 with timer("fusion"):
                     fused = {i: self._fuse(jobs, outputs, i, latents[i]) for i in images}
+                if guide is not None and guide.active(k):
+                    with timer("guidance"):
+                        fused = guide.step(self, k, latents, fused, alpha, alpha_prev, info)
                 latents = {i: fused[i][0] for i in images}
                 if callback is not None:
                     callback({"step": k, "steps": steps, "timestep": t, "latents": latents,
@@ -228,6 +234,20 @@ class MRGDPipeline:
             setup[plan.key] = {"cross": cross, "self": self_, "mapper": mapper, "alpha": alpha,
                                "first": plan.first_step}
         return setup
+
+    def _guide(self, edit: Edit, plans, info):
+        """The multi-region guidance of this edit, or None when the method or settings leave it off (§6)."""
+        settings = edit.mrgd
+        if settings.method != "mrgd" or not settings.guidance:
+            return None
+        if not (settings.lambda_rs or settings.lambda_is or settings.lambda_ip):
+            return None
+        if self.guidance_model is None:
+            info["notes"].append("no guidance model (CLIPSeg) loaded: guidance skipped; pass --guidance-model")
+            return None
+        from .guidance import Guide
+
+        return Guide.for_edit(edit, plans, Segmenter(self.guidance_model, self.guidance_tokenizer), self.latent_factor)
 
     def _job(self, image: int, plan: RegionPlan, encoded, null_embeds, step: int) -> Job:
         cond, uncond = encoded[(image, plan.key)]

@@ -1,0 +1,221 @@
+"""Multi-region guidance (method.md §6, the paper's Eqs. 2-4 and Alg. 1).
+
+A segmentation model Φ (CLIPSeg) looks at the decoded x̂0 of source and target; three losses ask that each
+region's object stays inside its box (L_RS), that source and target agree region by region (L_IS, InfoNCE),
+and that nothing outside the edited boxes changes (L_IP). Their gradient with respect to x̂0 re-steps DDIM
+(`ddim.ddim_restep`). The losses are pure functions of tensors; `Guide` ties them to a model and an edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .fusion import LatentBox, feather_mask
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---------------------------------------------------------------- pure losses
+
+def region_specific_loss(maps: torch.Tensor, box_masks: torch.Tensor) -> torch.Tensor:
+    """L_RS for one image (Eq. 2): Σ_i mean((M_i − M_i ⊙ m_i)²), the part of each map outside its box.
+
+    maps, box_masks: [R, h, w]; background regions are simply left out by the caller (they add 0).
+    """
+    if maps.shape[0] == 0:
+        return maps.sum() * 0
+    return ((maps - maps * box_masks) ** 2).mean(dim=(1, 2)).sum()
+
+
+def infonce_loss(source_maps: torch.Tensor, target_maps: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """L_IS (Eq. 3): InfoNCE between the maps of regions present in both images, matched by index.
+
+    Maps are flattened and L2-normalised, so logits are cosine similarities over the temperature (the research
+    code L1-normalised rows, which cancelled the temperature).
+    """
+    if source_maps.shape[0] == 0:
+        return source_maps.sum() * 0
+    s = F.normalize(source_maps.flatten(1), dim=1)
+    t = F.normalize(target_maps.flatten(1), dim=1)
+    logits = s @ t.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(s), device=s.device))
+
+
+def inherent_preservation_loss(image_s: torch.Tensor, image_t: torch.Tensor, latent_s: torch.Tensor,
+                               latent_t: torch.Tensor, pixel_mask: torch.Tensor, latent_mask: torch.Tensor) -> torch.Tensor:
+    """L_IP (Eq. 4): mean((ℳ ⊙ (I^S − I^T))²) + mean((ℳ ⊙ (z^S − z^T))²), ℳ the soft inherent mask."""
+    return ((pixel_mask * (image_s - image_t)) ** 2).mean() + ((latent_mask * (latent_s - latent_t)) ** 2).mean()
+
+
+def inherent_mask(edited: list[LatentBox], hw: tuple[int, int], feather: float = 0.2) -> torch.Tensor:
+    """ℳ: 1 everywhere, minus a feathered hole over each added, removed or modified box. [h, w]"""
+    mask = torch.ones(hw)
+    for box in edited:
+        hole = feather_mask(box.h, box.w, feather)
+        mask[box.slices] = torch.minimum(mask[box.slices], 1 - hole)
+    return mask
+
+
+def box_mask(box: LatentBox, hw: tuple[int, int]) -> torch.Tensor:
+    """The hard mask m_i of a box. [h, w]"""
+    mask = torch.zeros(hw)
+    mask[box.slices] = 1
+    return mask
+
+
+def scale_boxes(boxes: list[LatentBox], factor: int) -> list[LatentBox]:
+    """Latent boxes in pixels (for the pixel-resolution inherent mask)."""
+    return [LatentBox(b.y0 * factor, b.y1 * factor, b.x0 * factor, b.x1 * factor) for b in boxes]
+
+
+@dataclass
+class LossWeights:
+    """λ's of one step after the schedule of §6 (0 where a loss is not active yet)."""
+
+    rs: float
+    is_: float
+    ip: float
+
+    @property
+    def any(self) -> bool:
+        return self.rs > 0 or self.is_ > 0 or self.ip > 0
+
+
+def loss_weights(step: int, steps: int, lambda_rs: float, lambda_is: float, lambda_ip: float) -> LossWeights:
+    """The §6 schedule: RS from k ≥ 0, IS from k ≥ 0.25N, IP from k ≥ 0.15N, λ_ip halved in the second half."""
+    ip = lambda_ip if step < steps / 2 else lambda_ip / 2
+    return LossWeights(lambda_rs, lambda_is if step >= 0.25 * steps else 0.0, ip if step >= 0.15 * steps else 0.0)
+
+
+# ---------------------------------------------------------------- the guidance model
+
+def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[-1, 1] images -> CLIP-normalised pixels at Φ's input size (differentiable)."""
+    x = (images + 1) / 2
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class Segmenter:
+    """Φ: CLIPSeg maps M = sigmoid(logits) of text queries on images, resized to a target resolution."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.size = model.config.vision_config.image_size
+        self._ids: dict[str, torch.Tensor] = {}
+
+    def _input_ids(self, texts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer
+        out = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return out.input_ids.to(self.model.device)
+
+    def __call__(self, image: torch.Tensor, texts: list[str], hw: tuple[int, int]) -> torch.Tensor:
+        """Maps [len(texts), h, w] for one image [1, 3, H, W] in [-1, 1]."""
+        if not texts:
+            return image.new_zeros((0, *hw))
+        pixels = clip_pixels(image, self.size).to(self.model.dtype).expand(len(texts), -1, -1, -1)
+        logits = self.model(input_ids=self._input_ids(texts), pixel_values=pixels).logits
+        logits = logits.reshape(len(texts), 1, *logits.shape[-2:]).float()
+        return F.interpolate(logits.sigmoid(), size=hw, mode="bilinear", align_corners=False)[:, 0]
+
+
+# ---------------------------------------------------------------- guidance of one edit
+
+SOURCE, TARGET = 0, 1
+
+
+def query_text(region_prompt: str, selected: list[str], user: list[str]) -> str:
+    """Φ's text for a region: its keywords joined by ", " (selected, then the user's); its prompt before any."""
+    words = list(dict.fromkeys(selected + user))
+    return ", ".join(words) if words else region_prompt
+
+
+@dataclass
+class Guide:
+    """Guidance for one edit: which regions Φ looks for in which image, masks, schedule (method.md §6)."""
+
+    segmenter: Segmenter
+    settings: object  # layout.Settings
+    steps: int
+    factor: int
+    hw: tuple[int, int]
+    regions: dict[int, list[tuple[str, LatentBox]]]  # image -> foreground regions (id, box)
+    prompts: dict[tuple[int, str], str]  # (image, id) -> region prompt
+    user_keywords: dict[str, list[str]]
+    common: list[str]  # foreground ids present in both images, for L_IS
+    edited: list[LatentBox]
+    update_source: bool  # a removal: the source is guided too
+    selected: dict[tuple[int, str], list[str]] | None = None  # keyword selection fills this in
+    last_maps: dict[int, torch.Tensor] | None = None
+
+    @classmethod
+    def for_edit(cls, edit, plans, segmenter: Segmenter, factor: int) -> Guide:
+        hw = (edit.size[1] // factor, edit.size[0] // factor)
+        layouts = {SOURCE: edit.source(), TARGET: edit.target()}
+        regions, prompts = {}, {}
+        for image in (SOURCE, TARGET):
+            by_id = layouts[image].regions_by_id()
+            regions[image] = [(p.key, p.box) for p in plans[image] if p.key in by_id and p.layer == "foreground"]
+            prompts.update({(image, key): by_id[key].prompt for key, _ in regions[image]})
+        ids_t = {key for key, _ in regions[TARGET]}
+        common = [key for key, _ in regions[SOURCE] if key in ids_t]
+        boxes = {p.key: p.box for image in (SOURCE, TARGET) for p in plans[image]}
+        edited = [boxes[r.id] for r in edit.regions if r.role != "inherent"]
+        return cls(segmenter, edit.mrgd, edit.steps, factor, hw, regions, prompts,
+                   {r.id: list(r.keywords) for r in edit.regions}, common, edited,
+                   any(r.role == "removed" for r in edit.regions))
+
+    def weights(self, step: int) -> LossWeights:
+        s = self.settings
+        return loss_weights(step, self.steps, s.lambda_rs, s.lambda_is, s.lambda_ip)
+
+    def active(self, step: int) -> bool:
+        return step % self.settings.guidance_every == 0 and self.weights(step).any
+
+    def texts(self, image: int) -> list[str]:
+        selected = self.selected or {}
+        return [query_text(self.prompts[(image, key)], selected.get((image, key), []), self.user_keywords.get(key, []))
+                for key, _ in self.regions[image]]
+
+    def _box_masks(self, image: int) -> torch.Tensor:
+        masks = [box_mask(box, self.hw) for _, box in self.regions[image]]
+        return torch.stack(masks) if masks else torch.zeros((0, *self.hw))
+
+    def loss(self, decode, x0: dict[int, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = λ_rs·L_RS + λ_is·L_IS + λ_ip·L_IP on the fused x̂0 of both images."""
+        w = self.weights(step)
+        images = {i: decode(x0[i]) for i in (SOURCE, TARGET)}
+        maps = {i: self.segmenter(images[i], self.texts(i), self.hw) for i in (SOURCE, TARGET)}
+        self.last_maps = {i: m.detach() for i, m in maps.items()}
+        rs = sum(region_specific_loss(maps[i], self._box_masks(i).to(maps[i])) for i in (SOURCE, TARGET))
+        index = {i: [key for key, _ in self.regions[i]] for i in (SOURCE, TARGET)}
+        pick = {i: [index[i].index(key) for key in self.common] for i in (SOURCE, TARGET)}
+        is_ = infonce_loss(maps[SOURCE][pick[SOURCE]], maps[TARGET][pick[TARGET]])
+        latent_mask = inherent_mask(self.edited, self.hw).to(x0[TARGET])
+        pixel_hw = images[TARGET].shape[-2:]
+        pixel_mask = inherent_mask(scale_boxes(self.edited, self.factor), tuple(pixel_hw)).to(x0[TARGET])
+        ip = inherent_preservation_loss(images[SOURCE], images[TARGET], x0[SOURCE], x0[TARGET], pixel_mask, latent_mask)
+        total = w.rs * rs + w.is_ * is_ + w.ip * ip
+        return total, {name: value.item() for name, value in (("rs", rs), ("is", is_), ("ip", ip), ("total", total))}
+
+    def step(self, pipe, step: int, latents_t, fused, alpha, alpha_prev, info) -> dict:
+        """Re-step DDIM from the guided x̂0 of the target (and of the source for a removal)."""
+        from .ddim import ddim_restep
+
+        guided = [TARGET, SOURCE] if self.update_source else [TARGET]
+        x0 = {i: fused[i][1].detach().float().requires_grad_(i in guided) for i in (SOURCE, TARGET)}
+        with torch.enable_grad():
+            loss, parts = self.loss(lambda z: pipe.decode_tensor(z.to(pipe.dtype)).float(), x0, step)
+            grads = torch.autograd.grad(loss, [x0[i] for i in guided])
+        info.setdefault("guidance_losses", []).append({"step": step, **parts})
+        out = dict(fused)
+        for i, grad in zip(guided, grads):
+            x_prev, x0_new = ddim_restep(latents_t[i].float(), x0[i].detach(), grad, alpha, alpha_prev)
+            out[i] = (x_prev.to(fused[i][0].dtype), x0_new.to(fused[i][1].dtype))
+        return out

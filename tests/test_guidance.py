@@ -1,0 +1,134 @@
+"""Multi-region guidance: the losses on hand-made masks, the DDIM re-step, a guided step on a tiny model."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import THREE_REGION_EDIT
+from mrgd.ddim import ddim_restep, ddim_step
+from mrgd.fusion import LatentBox
+from mrgd.guidance import (box_mask, infonce_loss, inherent_mask, inherent_preservation_loss, loss_weights,
+                           query_text, region_specific_loss)
+from mrgd.layout import Edit
+
+
+def test_restep_with_zero_gradient_reproduces_the_fused_step():
+    torch.manual_seed(0)
+    x_t = torch.randn(1, 4, 8, 8)
+    alpha, alpha_prev = torch.tensor(0.3), torch.tensor(0.5)
+    # two "regions" with their own ε, fused by a convex per-pixel weight, as the composite does
+    eps_a, eps_b = torch.randn_like(x_t), torch.randn_like(x_t)
+    weight = torch.rand(1, 1, 8, 8)
+    prev_a, x0_a = ddim_step(x_t, eps_a, alpha, alpha_prev)
+    prev_b, x0_b = ddim_step(x_t, eps_b, alpha, alpha_prev)
+    fused_prev = weight * prev_a + (1 - weight) * prev_b
+    fused_x0 = weight * x0_a + (1 - weight) * x0_b
+    again, x0_again = ddim_restep(x_t, fused_x0, torch.zeros_like(x_t), alpha, alpha_prev)
+    assert torch.allclose(again, fused_prev, atol=1e-5)
+    assert torch.allclose(x0_again, fused_x0, atol=1e-5)
+
+
+def test_restep_moves_x0_against_the_gradient():
+    x_t, x0, g = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    alpha, alpha_prev = torch.tensor(0.25), torch.tensor(0.5)
+    _, x0_new = ddim_restep(x_t, x0, g, alpha, alpha_prev)
+    assert torch.allclose(x0_new, x0 - (1 - alpha) / alpha**0.5 * g)
+
+
+def test_region_specific_loss_is_zero_inside_the_box_and_grows_with_leaks():
+    hw = (8, 8)
+    box = LatentBox(2, 6, 2, 6)
+    inside = box_mask(box, hw)[None]
+    assert region_specific_loss(inside, inside).item() == 0
+    leak = inside.clone()
+    leak[0, 0, :] = 1
+    more = leak.clone()
+    more[0, 7, :] = 1
+    assert 0 < region_specific_loss(leak, inside) < region_specific_loss(more, inside)
+    assert region_specific_loss(torch.zeros(0, 8, 8), torch.zeros(0, 8, 8)).item() == 0
+
+
+def test_infonce_prefers_matching_maps_and_depends_on_temperature():
+    a = torch.zeros(2, 8, 8)
+    a[0, :4], a[1, 4:] = 1, 1
+    matched = infonce_loss(a, a)
+    swapped = infonce_loss(a, a.flip(0))
+    assert matched < swapped
+    assert not torch.isclose(infonce_loss(a, a, 0.07), infonce_loss(a, a, 0.5))
+    assert infonce_loss(a, a, 0.01) < infonce_loss(a, a, 0.5)  # sharper temperature, surer match
+
+
+def test_inherent_preservation_ignores_edited_boxes():
+    hw = (8, 8)
+    box = LatentBox(2, 6, 2, 6)
+    mask = inherent_mask([box], hw, feather=0.0)
+    assert mask[3, 3] == 0 and mask[0, 0] == 1
+    soft = inherent_mask([box], hw, feather=0.5)
+    assert 0 < soft[2, 2] <= 1 and soft[4, 4] == 0
+    z = torch.zeros(1, 4, 8, 8)
+    inside_change = z.clone()
+    inside_change[..., 3:5, 3:5] = 1
+    outside_change = z.clone()
+    outside_change[..., 0, :] = 1
+    img = torch.zeros(1, 3, 8, 8)
+    assert inherent_preservation_loss(img, img, z, inside_change, mask, mask).item() == 0
+    assert inherent_preservation_loss(img, img, z, outside_change, mask, mask).item() > 0
+
+
+def test_schedule():
+    w = loss_weights(0, 20, 1, 2, 3)
+    assert (w.rs, w.is_, w.ip) == (1, 0, 0)
+    w = loss_weights(5, 20, 1, 2, 3)
+    assert (w.rs, w.is_, w.ip) == (1, 2, 3)
+    assert loss_weights(10, 20, 1, 2, 3).ip == 1.5
+
+
+def test_query_text():
+    assert query_text("a red circle", [], []) == "a red circle"
+    assert query_text("a red circle", ["red", "circle"], ["ball", "red"]) == "red, circle, ball"
+
+
+def _edit(**mrgd):
+    data = copy.deepcopy(THREE_REGION_EDIT)
+    data["mrgd"] = mrgd
+    return Edit.from_dict(data)
+
+
+def test_mrgd_with_zero_lambdas_equals_p2p(tiny_guided_pipe):
+    p2p = tiny_guided_pipe.edit(_edit(method="p2p"))
+    mrgd = tiny_guided_pipe.edit(_edit(method="mrgd", lambda_rs=0, lambda_is=0, lambda_ip=0, kssa=False, keywords=0))
+    assert np.abs(np.asarray(p2p.target, int) - np.asarray(mrgd.target, int)).max() <= 1
+    assert np.abs(np.asarray(p2p.source, int) - np.asarray(mrgd.source, int)).max() <= 1
+
+
+def test_guidance_changes_the_target_and_logs_losses(tiny_guided_pipe):
+    p2p = tiny_guided_pipe.edit(_edit(method="p2p"))
+    guided = tiny_guided_pipe.edit(_edit(method="mrgd", kssa=False, keywords=0))
+    assert len(guided.info["guidance_losses"]) == THREE_REGION_EDIT["steps"]
+    assert np.abs(np.asarray(p2p.target, int) - np.asarray(guided.target, int)).max() > 0
+    every = tiny_guided_pipe.edit(_edit(method="mrgd", kssa=False, keywords=0, guidance_every=2))
+    assert len(every.info["guidance_losses"]) == 3
+
+
+def test_a_guided_step_lowers_the_loss(tiny_guided_pipe):
+    from mrgd.guidance import Guide, Segmenter
+    from mrgd.pipeline import SOURCE, TARGET
+
+    pipe = tiny_guided_pipe
+    edit = _edit(method="mrgd", lambda_rs=1.0, lambda_is=1.0, lambda_ip=1.0)
+    plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
+    guide = Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer), pipe.latent_factor)
+    torch.manual_seed(0)
+    x0 = {SOURCE: torch.randn(1, 4, 8, 8), TARGET: torch.randn(1, 4, 8, 8).requires_grad_()}
+    step = 10  # all three losses active
+    loss, _ = guide.loss(pipe.decode_tensor, x0, step)
+    (grad,) = torch.autograd.grad(loss, [x0[TARGET]])
+    x_t = torch.randn(1, 4, 8, 8)
+    alpha, alpha_prev = torch.tensor(0.9), torch.tensor(0.95)
+    lr = 1e-2 / grad.abs().max()
+    _, x0_new = ddim_restep(x_t, x0[TARGET].detach(), lr * grad, alpha, alpha_prev)
+    with torch.no_grad():
+        after, _ = guide.loss(pipe.decode_tensor, {SOURCE: x0[SOURCE], TARGET: x0_new}, step)
+    assert after < loss.detach()
