@@ -161,8 +161,9 @@ class MRGDPipeline:
                 alpha, alpha_prev = alphas_at(self.scheduler, t)
                 jobs = [self._job(i, p, encoded, null_embeds, k) for i in images for p in plans[i] if k >= p.first_step]
                 with timer("unet"):
-                    outputs = self._run_jobs(jobs, latents, t, alpha, alpha_prev, edit.guidance_scale, state,
-                                             follows_setup, k, steps, settings, info)
+                    eps = self._predict(jobs, latents, t, edit.guidance_scale, state, follows_setup, k, steps,
+                                        settings.schedule, info)
+                    outputs = [ddim_step(latents[j.image][j.box.slices], e, alpha, alpha_prev) for j, e in zip(jobs, eps)]
                 with timer("fusion"):
                     fused = {i: self._fuse(jobs, outputs, i, latents[i]) for i in images}
                 if guide is not None and guide.active(k):
@@ -255,10 +256,12 @@ class MRGDPipeline:
             uncond = EncodedPrompt(null_embeds[(image, plan.key)][step], uncond.token_ids, uncond.length)
         return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask)
 
-    def _run_jobs(self, jobs: list[Job], latents, t, alpha, alpha_prev, scale, state: AttentionState, setup, step,
-                  steps, settings: Settings, info) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Batch equal-size crops into one UNet call each (rows [uncond..., cond...]); DDIM-step every crop."""
-        outputs: list[Any] = [None] * len(jobs)
+    def _predict(self, jobs: list[Job], latents, t, scale: float, state: AttentionState, setup, step: int,
+                 steps: int, schedule: str, info) -> list[torch.Tensor]:
+        """ε̂ of every crop. Equal padded sizes share one UNet call, rows [uncond..., cond...] (cond only when
+        scale <= 1, as diffusers skips classifier-free guidance there)."""
+        eps: list[Any] = [None] * len(jobs)
+        cfg = scale > 1
         # Crops of different sizes that pad to the same size share a call too: padding is per crop.
         padded = [fusion.pad_to_multiple(latents[j.image][j.box.slices], self.unet_multiple)[0] for j in jobs]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -266,27 +269,32 @@ class MRGDPipeline:
             groups[tuple(crop.shape[-2:])].append(i)
         for indices in groups.values():
             group = [jobs[i] for i in indices]
-            embeds = torch.cat([j.uncond.embeds for j in group] + [j.cond.embeds for j in group])
-            state.reset_call()
-            state.follows = self._follows(group, setup, step, steps, settings.schedule)
             batch = torch.cat([padded[i] for i in indices])
-            model_in = torch.cat([batch, batch])
+            conds = [j.cond.embeds for j in group]
+            embeds = torch.cat([j.uncond.embeds for j in group] + conds) if cfg else torch.cat(conds)
+            state.reset_call()
+            state.follows = self._follows(group, setup, step, steps, schedule, len(group) if cfg else 0)
+            self._prepare_call(state, group, len(group) if cfg else 0)
+            model_in = torch.cat([batch, batch]) if cfg else batch
             out = self.unet(model_in, t, encoder_hidden_states=embeds).sample
             info["unet_calls"] += 1
             info["unet_batch_sizes"].append(model_in.shape[0])
-            out_uncond, out_cond = out.chunk(2)
-            guided = out_uncond + scale * (out_cond - out_uncond)
+            if cfg:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + scale * (out_cond - out_uncond)
             for n, (i, job) in enumerate(zip(indices, group)):
                 crop = latents[job.image][job.box.slices]
-                eps = to_epsilon(fusion.unpad(guided[n : n + 1], job.box.size), crop, alpha,
-                                 self.scheduler.config.prediction_type)
-                outputs[i] = ddim_step(crop, eps, alpha, alpha_prev)
-        return outputs
+                eps[i] = to_epsilon(fusion.unpad(out[n : n + 1], job.box.size), crop,
+                                    self.scheduler.alphas_cumprod[t].to(crop), self.scheduler.config.prediction_type)
+        return eps
 
-    def _follows(self, group: list[Job], setup, step: int, steps: int, schedule: str) -> list[Follow]:
+    def _prepare_call(self, state: AttentionState, group: list[Job], cond_offset: int) -> None:
+        """Hook for per-call attention work beyond control (keyword maps, KSSA); set up in `edit`."""
+
+    def _follows(self, group: list[Job], setup, step: int, steps: int, schedule: str, cond_offset: int) -> list[Follow]:
         """Target cond rows that follow their source cond rows in this call; only cond rows are edited."""
         follows = []
-        rows = {(j.key, j.image): len(group) + n for n, j in enumerate(group)}  # cond rows come second
+        rows = {(j.key, j.image): cond_offset + n for n, j in enumerate(group)}
         for key, params in setup.items():
             if (key, SOURCE) not in rows or (key, TARGET) not in rows:
                 continue

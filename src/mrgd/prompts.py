@@ -1,46 +1,242 @@
-"""Prompt encoding: text -> the embedding the UNet sees, and the token ids at the same positions.
+"""Prompt encoding: text -> the embedding the UNet sees, and what sits at each of its positions.
 
-Attention control (word swap, refine) and keyword selection index attention maps by token position, so every
-consumer takes positions from `EncodedPrompt.token_ids`, which are exactly the rows of `EncodedPrompt.embeds`.
+Prompts are written as in the WebUI (method.md §4, last lines): `(word:1.3)` emphasis and prompts longer than the
+text encoder's 75-token window. Attention control (word swap, refine) and keyword selection index attention maps
+by token position, so every per-position list of `EncodedPrompt` is aligned with the rows of `embeds`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import torch
+
+CHUNK = 75  # prompt tokens per text-encoder window; each window is BOS + 75 tokens + EOS/padding = 77
+WORD_END = "</w>"  # CLIP's BPE marks the last piece of every word with it
+
+# The WebUI's emphasis tokens: escapes, brackets, an explicit weight closing a round bracket, plain text.
+_EMPHASIS = re.compile(r"""
+      \\[()\[\]\\]                              # escaped bracket or backslash: literal
+    | \( | \[
+    | :\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)      # (text:1.3)
+    | \) | \]
+    | [^\\()\[\]:]+
+    | [\\:]                                     # a lone backslash or colon is literal text
+""", re.VERBOSE)
+
+
+def parse_weighted(text: str) -> list[tuple[str, float]]:
+    """Split WebUI emphasis syntax into (text, weight) runs (method.md §4).
+
+    `(a)` ×1.1, `((a))` ×1.21, `(a:1.3)` ×1.3, `[a]` ÷1.1, nesting multiplies, `\\(` is a literal bracket;
+    unclosed brackets apply to the end of the text and stray closing brackets are literal, as in the WebUI.
+    Adjacent runs of equal weight are merged, so text without syntax comes back as one run of weight 1.
+    """
+    runs: list[list] = []  # [text, weight]
+    round_open: list[int] = []  # index of the first run inside each open bracket
+    square_open: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for match in _EMPHASIS.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if len(token) == 2 and token[0] == "\\":
+            runs.append([token[1], 1.0])
+        elif token == "(":
+            round_open.append(len(runs))
+        elif token == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            multiply(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            multiply(round_open.pop(), 1.1)
+        elif token == "]" and square_open:
+            multiply(square_open.pop(), 1 / 1.1)
+        else:
+            runs.append([token, 1.0])
+    for start in round_open:
+        multiply(start, 1.1)
+    for start in square_open:
+        multiply(start, 1 / 1.1)
+
+    merged: list[tuple[str, float]] = []
+    for piece, weight in runs:
+        if merged and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + piece, weight)
+        else:
+            merged.append((piece, weight))
+    return merged or [("", 1.0)]
 
 
 @dataclass
 class EncodedPrompt:
-    embeds: torch.Tensor  # [1, L, D], what the UNet's cross-attention reads
-    token_ids: list[int]  # L ids, position i <-> embeds[:, i]
-    length: int  # tokens up to and including EOS (the rest is padding)
+    """An encoded prompt; every list has one entry per position of `embeds` (chunk BOS/EOS/padding included)."""
+
+    embeds: torch.Tensor  # [1, L, D], what the UNet's cross-attention reads; L = 77 · chunks
+    token_ids: list[int]  # position i <-> embeds[:, i]
+    length: int  # prompt tokens + 2 (BOS, EOS): equal lengths let word swap pair positions one to one
+    weights: list[float] = field(default_factory=list)  # emphasis weight, 1.0 at BOS/EOS/padding
+    tokens: list[str] = field(default_factory=list)  # BPE pieces, e.g. "red</w>", "<|endoftext|>"
+    part_of: list[str | None] = field(default_factory=list)  # named part a token comes from; None elsewhere
+    real_positions: list[int] = field(default_factory=list)  # prompt tokens: not BOS/EOS/padding
+
+    @property
+    def chunks(self) -> int:
+        return self.embeds.shape[1] // (CHUNK + 2)
 
 
 class PromptEncoder:
-    """Encode prompts the way diffusers' StableDiffusionPipeline does, with a per-run cache."""
+    """Encode prompts like the WebUI (emphasis, 75-token chunks), with a per-run cache.
+
+    A prompt of at most 75 tokens without emphasis gives exactly diffusers' StableDiffusionPipeline embedding.
+    """
 
     def __init__(self, tokenizer, text_encoder, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.device, self.dtype = torch.device(device), dtype
-        self._cache: dict[str, EncodedPrompt] = {}
+        self._cache: dict[tuple, EncodedPrompt] = {}
+
+    def encode(self, text: str) -> EncodedPrompt:
+        """Encode one prompt; its tokens get `part_of` None."""
+        return self.encode_parts([(None, text)])
 
     @torch.no_grad()
-    def encode(self, text: str) -> EncodedPrompt:
-        if text in self._cache:
-            return self._cache[text]
+    def encode_parts(self, parts: Sequence[tuple[str | None, str]], sep: str = ", ") -> EncodedPrompt:
+        """Encode `sep.join` of the non-empty part texts, remembering which named part each token comes from.
+
+        r_total's prompt is `[(None, global), (region id, region prompt), ...]` (method.md §1): keyword candidates
+        are then `positions_of(encoded, region id)` (§4). Emphasis is parsed per part; separators weigh 1.
+        """
+        key = (tuple((name, text) for name, text in parts), sep)
+        if key in self._cache:
+            return self._cache[key]
+        ids, weights, owners = self._tokenize(parts, sep)
         tok = self.tokenizer
-        ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = (ids != tok.pad_token_id).long().to(self.device)
-        embeds = self.text_encoder(ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
-        unpadded = tok(text, truncation=True, max_length=tok.model_max_length).input_ids
-        encoded = EncodedPrompt(embeds, ids[0].tolist(), len(unpadded))
-        self._cache[text] = encoded
+        all_ids, all_weights, all_owners, real, embeds = [], [], [], [], []
+        for start in range(0, max(len(ids), 1), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            pad = CHUNK - len(chunk)
+            chunk_ids = [tok.bos_token_id, *chunk, tok.eos_token_id] + [tok.pad_token_id] * pad
+            chunk_weights = [1.0, *weights[start : start + CHUNK], 1.0] + [1.0] * pad
+            real += range(len(all_ids) + 1, len(all_ids) + 1 + len(chunk))
+            all_ids += chunk_ids
+            all_weights += chunk_weights
+            all_owners += [None, *owners[start : start + CHUNK], None] + [None] * pad
+            embeds.append(self._encode_chunk(chunk_ids, len(chunk) + 2, chunk_weights))
+        encoded = EncodedPrompt(torch.cat(embeds, dim=1), all_ids, len(ids) + 2, all_weights,
+                                tok.convert_ids_to_tokens(all_ids), all_owners, real)
+        self._cache[key] = encoded
         return encoded
 
+    def pad_to_same_length(self, prompts: Sequence[EncodedPrompt]) -> list[EncodedPrompt]:
+        """`pad_to_same_length` with this encoder's empty prompt as the padding chunk."""
+        return pad_to_same_length(prompts, self.encode(""))
+
     def words(self, encoded: EncodedPrompt, positions: list[int]) -> list[str]:
-        """Readable tokens at the given positions."""
-        return [self.tokenizer.convert_ids_to_tokens(encoded.token_ids[p]).replace("</w>", "") for p in positions]
+        """Readable BPE pieces at the given positions (see `word_spans` for whole words)."""
+        return [_readable([encoded.tokens[p]]) for p in positions]
+
+    def _tokenize(self, parts, sep: str) -> tuple[list[int], list[float], list[str | None]]:
+        """Prompt token ids (no BOS/EOS), their weights and owning parts."""
+        runs: list[tuple[str, float, str | None]] = []
+        for name, text in parts:
+            if not text:  # skipped like layout's join, so the tokens equal those of the joined prompt
+                continue
+            if runs:
+                runs.append((sep, 1.0, None))
+            runs += [(piece, weight, name) for piece, weight in parse_weighted(text)]
+        if not runs:
+            return [], [], []
+        # Each run is tokenized alone, as the WebUI does; for one run this is the tokenization of the whole text.
+        pieces = self.tokenizer([r[0] for r in runs], add_special_tokens=False, verbose=False).input_ids
+        ids, weights, owners = [], [], []
+        for (_, weight, name), run_ids in zip(runs, pieces):
+            ids += run_ids
+            weights += [weight] * len(run_ids)
+            owners += [name] * len(run_ids)
+        return ids, weights, owners
+
+    def _encode_chunk(self, ids: list[int], used: int, weights: list[float]) -> torch.Tensor:
+        input_ids = torch.tensor([ids]).to(self.device)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = (torch.arange(len(ids)) < used).long()[None].to(self.device)  # BOS..EOS, as the tokenizer's mask
+        z = self.text_encoder(input_ids, attention_mask=mask)[0]
+        if any(w != 1.0 for w in weights):
+            # WebUI emphasis: scale each token's vector, then restore the chunk's mean so the overall scale holds.
+            z = z.float()
+            mean = z.mean()
+            z = z * torch.tensor(weights, device=z.device)[None, :, None]
+            z = z * (mean / z.mean())
+        return z.to(self.dtype)
+
+
+def pad_to_same_length(prompts: Sequence[EncodedPrompt], empty: EncodedPrompt) -> list[EncodedPrompt]:
+    """Append `empty` chunks (the encoded "") to shorter prompts so all can share one UNet batch (WebUI behaviour).
+
+    `length`, `real_positions` and the original positions are unchanged.
+    """
+    target = max(p.embeds.shape[1] for p in prompts)
+    padded = []
+    for p in prompts:
+        missing, rest = divmod(target - p.embeds.shape[1], empty.embeds.shape[1])
+        if rest:
+            raise ValueError(f"prompt lengths {p.embeds.shape[1]} and {target} are not whole chunks apart")
+        if not missing:
+            padded.append(p)
+            continue
+        padded.append(replace(
+            p, embeds=torch.cat([p.embeds, *[empty.embeds.to(p.embeds)] * missing], dim=1),
+            token_ids=p.token_ids + empty.token_ids * missing, weights=p.weights + empty.weights * missing,
+            tokens=p.tokens + empty.tokens * missing, part_of=p.part_of + [None] * (len(empty.token_ids) * missing)))
+    return padded
+
+
+def word_spans(encoded: EncodedPrompt) -> list[tuple[str, list[int]]]:
+    """Readable words with their positions: BPE pieces merged up to the piece ending a word (method.md §4).
+
+    A word cut by a chunk boundary keeps pieces on both sides; BOS/EOS/padding are never part of a word.
+    """
+    spans: list[tuple[str, list[int]]] = []
+    pieces: list[str] = []
+    positions: list[int] = []
+    for position in encoded.real_positions:
+        pieces.append(encoded.tokens[position])
+        positions.append(position)
+        if pieces[-1].endswith(WORD_END):
+            spans.append((_readable(pieces), positions))
+            pieces, positions = [], []
+    if pieces:
+        spans.append((_readable(pieces), positions))
+    return spans
+
+
+def positions_of(encoded: EncodedPrompt, part: str) -> list[int]:
+    """Positions of the tokens of a named part of `encode_parts` (separators excluded); [] if it has none."""
+    return [i for i, owner in enumerate(encoded.part_of) if owner == part]
+
+
+def _readable(pieces: list[str]) -> str:
+    """BPE pieces -> text: CLIP spells bytes as printable characters (GPT-2's table), so map them back."""
+    decoder = _byte_decoder()
+    data = bytearray()
+    for char in "".join(pieces).replace(WORD_END, ""):
+        if char in decoder:
+            data.append(decoder[char])
+        else:
+            data += char.encode()
+    return data.decode("utf-8", errors="replace")
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    table = {chr(b): b for b in kept}
+    table.update({chr(256 + n): b for n, b in enumerate(moved)})
+    return table

@@ -1,0 +1,99 @@
+"""Keyword selection by the entropy of cross-attention maps (method.md §4, Eq. 6).
+
+A token whose map is concentrated on a few pixels (a low-entropy histogram) names something visible in the
+picture; those tokens become each region's keywords for guidance (§6) and KSSA (§5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .prompts import EncodedPrompt, word_spans
+
+LEVELS = 256
+
+
+def map_entropy(maps: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of each map's 256-level histogram; `maps[..., P]` -> `[...]` (method.md §4).
+
+    Each map is scaled to 0…255 by its maximum and floored to integers (as a uint8 cast does), so only the peak
+    reaches level 255. A map with no positive value carries no information and gets +inf: never selected.
+    """
+    maps = torch.nan_to_num(maps.detach().float(), nan=0.0).clamp_min(0)
+    peak = maps.amax(dim=-1, keepdim=True)
+    levels = torch.floor(maps / peak.clamp_min(torch.finfo(maps.dtype).tiny) * (LEVELS - 1))
+    levels = levels.clamp(0, LEVELS - 1).long()
+    counts = torch.zeros(*maps.shape[:-1], LEVELS, dtype=torch.float64, device=maps.device)
+    counts.scatter_add_(-1, levels, torch.ones_like(levels, dtype=torch.float64))
+    p = counts / maps.shape[-1]
+    entropy = -torch.special.xlogy(p, p).sum(-1) / math.log(2)
+    return torch.where(peak[..., 0] > 0, entropy, torch.inf).float()
+
+
+def select_keywords(maps: torch.Tensor, candidates: dict[str, list[int]], k: int) -> dict[str, list[tuple[int, float]]]:
+    """Per region, the k candidate positions with the lowest map entropy, lowest first (method.md §4, N_k = 15).
+
+    `maps[T, P]` are r_total's averaged maps per token position; `candidates` maps a region id to the positions of
+    its region-prompt tokens in r_total's prompt (never global-prompt tokens, separators, BOS/EOS/padding: the
+    caller builds them with `prompts.positions_of`). Fewer candidates than k: all of them; ties go to the earlier.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    entropy = map_entropy(maps).tolist()
+    selected = {}
+    for region, positions in candidates.items():
+        outside = [p for p in positions if not 0 <= p < len(entropy)]
+        if outside:
+            raise ValueError(f"region {region!r}: positions {outside} outside the {len(entropy)} maps")
+        scored = sorted((entropy[p], p) for p in set(positions) if math.isfinite(entropy[p]))
+        selected[region] = [(p, h) for h, p in scored[:k]]
+    return selected
+
+
+class MapAccumulator:
+    """Running mean of cross-attention probability maps over rows, heads and calls (method.md §4).
+
+    Feed it the cross-attention layers of one resolution (the caller filters: the second-lowest UNet level) and
+    the rows of r_total's conditional pass of one image; every `add` counts as one call.
+    """
+
+    def __init__(self):
+        self.hw: tuple[int, int] | None = None
+        self.count = 0
+        self._sum: torch.Tensor | None = None  # [tokens, N]
+
+    def add(self, probs: torch.Tensor, hw: tuple[int, int]) -> None:
+        """Add `probs[rows, heads, N, tokens]` of a layer whose N query pixels form an `hw` grid."""
+        if probs.shape[2] != hw[0] * hw[1]:
+            raise ValueError(f"{probs.shape[2]} query pixels do not form a {hw[0]}x{hw[1]} grid")
+        if self.hw is not None and tuple(hw) != self.hw:
+            raise ValueError(f"maps at {hw} mixed with maps at {self.hw}: collect one resolution")
+        mean = probs.detach().float().mean(dim=(0, 1)).T  # [tokens, N]
+        if self._sum is not None and mean.shape != self._sum.shape:
+            raise ValueError(f"maps of {mean.shape[0]} tokens mixed with maps of {self._sum.shape[0]}")
+        self._sum = mean if self._sum is None else self._sum + mean
+        self.hw, self.count = tuple(hw), self.count + 1
+
+    def maps(self) -> torch.Tensor:
+        """The mean map per token, `[tokens, N]` (reshape to `hw` for pictures)."""
+        if self._sum is None:
+            raise ValueError("no attention maps collected")
+        return self._sum / self.count
+
+
+def keywords_to_words(encoded: EncodedPrompt, selected: list[tuple[int, float]]) -> list[dict]:
+    """One region's selected positions as readable words `{"word", "entropy"}`, lowest entropy first (§4).
+
+    A word chosen through several of its sub-word pieces, or appearing twice, is listed once with its lowest
+    entropy: the list becomes guidance text, where repeats add nothing.
+    """
+    word_at = {p: word for word, positions in word_spans(encoded) for p in positions}
+    best: dict[str, float] = {}
+    for position, entropy in selected:
+        if position not in word_at:
+            raise ValueError(f"position {position} is not a prompt token")
+        word = word_at[position]
+        best[word] = min(best.get(word, math.inf), entropy)
+    return [{"word": w, "entropy": h} for w, h in sorted(best.items(), key=lambda item: item[1])]
