@@ -62,6 +62,8 @@ def tiny_model_dir(tiny_components, tmp_path_factory):
     sd = StableDiffusionPipeline(**tiny_components, safety_checker=None, feature_extractor=None,
                                  requires_safety_checker=False)
     sd.save_pretrained(folder)
+    make_tiny_clipseg(tiny_components["tokenizer"]).save_pretrained(folder / "clipseg")
+    tiny_components["tokenizer"].save_pretrained(folder / "clipseg")
     return folder
 
 

@@ -115,3 +115,21 @@ def test_import_webui(capsys, tmp_path):
 
     edit = Edit.load(tmp_path / "edit.json")
     assert list(edit.roles().values()) == ["inherent", "modified"] and edit.size == (128, 128)
+
+
+def test_edit_explain_writes_keywords_and_masks(capsys, tmp_path, edit_file, tiny_model_dir):
+    code, out, err = run(capsys, "edit", edit_file, "-o", tmp_path / "x", "--model", tiny_model_dir,
+                         "--method", "mrgd", "--steps", "12", "--keywords", "2", "--guidance-every", "4", "--explain")
+    assert code == 0, err
+    for name in ("keywords.json", "keywords.png", "masks.png", "metrics.png"):
+        assert (tmp_path / "x" / name).exists(), name
+    keywords = json.loads((tmp_path / "x" / "keywords.json").read_text())
+    assert set(keywords) == {"source", "target"}
+    words = {w["word"] for regions in keywords.values() for chosen in regions.values() for w in chosen}
+    assert words and "masterpiece" not in words  # global-prompt words are never candidates
+    for regions in keywords.values():
+        for chosen in regions.values():
+            assert len(chosen) <= 2
+            assert [w["entropy"] for w in chosen] == sorted(w["entropy"] for w in chosen)
+    resolved = json.loads((tmp_path / "x" / "edit.json").read_text())
+    assert resolved["mrgd"]["keywords"] == 2 and resolved["mrgd"]["guidance_every"] == 4

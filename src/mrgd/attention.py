@@ -87,6 +87,7 @@ class AttentionState:
     def reset_call(self) -> None:
         self.follows, self.record_rows, self.kssa_rows = [], [], []
         self.kssa_tokens, self._kssa_pixels = {}, {}
+        self.recorder = None
 
 
 def layer_level(name: str, num_blocks: int) -> int:
@@ -201,7 +202,9 @@ class ControlledAttnProcessor:
 
     def _kssa_keys(self, key: torch.Tensor) -> torch.Tensor:
         state = self.state
-        pixels = state._kssa_pixels.pop(self.level, None) if self.in_down else None
+        # the next self-attention at this resolution: in SD the next down-block layer; with one layer per block
+        # the decoder's layer at the same resolution
+        pixels = state._kssa_pixels.pop(self.level, None)
         if pixels is None or pixels.shape[-1] != key.shape[-2]:
             return key
         factor = torch.ones(key.shape[0], 1, key.shape[2], 1, dtype=key.dtype, device=key.device)

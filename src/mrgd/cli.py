@@ -126,6 +126,16 @@ def edit(
     output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
     method: Annotated[Optional[str], typer.Option("--method", help="multidiffusion | p2p | mrgd")] = None,
     seed: SeedOpt = None, steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
+    keywords: Annotated[Optional[int], typer.Option("--keywords", help="keywords kept per region (0: no selection)")] = None,
+    no_kssa: Annotated[bool, typer.Option("--no-kssa", help="turn keyword-selected self-attention off")] = False,
+    no_total: Annotated[bool, typer.Option("--no-total", help="leave the full-canvas r_total region out")] = False,
+    no_guidance: Annotated[bool, typer.Option("--no-guidance", help="turn multi-region guidance off")] = False,
+    lambda_rs: Annotated[Optional[float], typer.Option("--lambda-rs")] = None,
+    lambda_is: Annotated[Optional[float], typer.Option("--lambda-is")] = None,
+    lambda_ip: Annotated[Optional[float], typer.Option("--lambda-ip")] = None,
+    guidance_every: Annotated[Optional[int], typer.Option("--guidance-every", help="guide every K-th step (cheaper)")] = None,
+    guidance_model: Annotated[Optional[str], typer.Option("--guidance-model", help="CLIPSeg folder or hub id")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="also write keywords.json/.png, masks.png, metrics.png")] = False,
 ) -> None:
     """Edit: denoise source and target side by side. Writes source.png, target.png, grid.png, edit.json, info.json."""
     from .layout import Edit
@@ -135,9 +145,18 @@ def edit(
     if method is not None and method not in ("multidiffusion", "p2p", "mrgd"):
         raise InputError(f"--method: unknown method {method!r}; use multidiffusion, p2p or mrgd")
     the_edit = _apply_overrides(Edit.load(edit_file), seed, steps, method)
+    switches = {"keywords": keywords, "lambda_rs": lambda_rs, "lambda_is": lambda_is, "lambda_ip": lambda_ip,
+                "guidance_every": guidance_every, "kssa": False if no_kssa else None,
+                "use_total": False if no_total else None, "guidance": False if no_guidance else None}
+    switches = {k: v for k, v in switches.items() if v is not None}
+    if switches:
+        the_edit = Edit.from_dict({**the_edit.to_dict(), "mrgd": {**the_edit.mrgd.model_dump(), **switches}},
+                                  source="command line")
     names = ["source.png", "target.png", "grid.png", "edit.json", "info.json"]
+    if explain:
+        names += ["keywords.json", "keywords.png", "masks.png", "metrics.png"]
     with _staged_output(output, names, force) as stage:
-        pipe = _load_pipe(model, device, dtype, allow_pickle)
+        pipe = _load_pipe(model, device, dtype, allow_pickle, guidance_model)
         bar, callback = _progress(the_edit.steps)
         result = pipe.edit(the_edit, callback=callback)
         bar.close()
@@ -147,10 +166,29 @@ def edit(
         save_png(edit_grid(result.source, result.target, the_edit), stage / "grid.png", config, pipe.name, "target")
         the_edit.save(stage / "edit.json")
         _write_info(stage, result.info, {"wall_seconds": round(time.perf_counter() - t0, 3)})
+        if explain:
+            _write_explain(stage, result, the_edit)
     for note in result.info.get("notes", []):
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"wrote {output}/source.png, target.png, grid.png, edit.json, info.json "
                f"in {time.perf_counter() - t0:.1f} s ({result.info['unet_calls']} UNet calls)")
+
+
+def _write_explain(stage: Path, result, the_edit) -> None:
+    """keywords.json / keywords.png (§4), masks.png (Φ's masks, §6), metrics.png (the §8 masks)."""
+    from .metrics import explain_masks
+    from .render import keyword_picture, masks_picture
+
+    images = {"source": result.source, "target": result.target}
+    keywords = result.info.get("keywords", {})
+    (stage / "keywords.json").write_text(json.dumps(keywords, indent=2) + "\n")
+    if "keyword_maps" in result.explain:
+        keyword_picture(result.explain["keyword_maps"], result.explain["keyword_hw"], images).save(stage / "keywords.png")
+    else:
+        result.info.setdefault("notes", []).append("no keyword selection in this run (method, --keywords 0 or no r_total)")
+    if "masks" in result.explain:
+        masks_picture(result.explain["masks"], the_edit, images).save(stage / "masks.png")
+    explain_masks(the_edit).save(stage / "metrics.png")
 
 
 @app.command("import-webui")
@@ -177,6 +215,46 @@ def import_webui_cmd(
     roles = edit_obj.roles()
     summary = ", ".join(f"{k} ({v})" for k, v in roles.items())
     typer.echo(f"wrote {output}: {len(roles)} regions: {summary}")
+
+
+@app.command("bench")
+def bench_cmd(
+    suite: Annotated[Path, typer.Argument(help="suite folder (suite.json, or the edit files in it) or a suite .json list")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="bench folder; run again to resume (finished jobs are skipped)")],
+    methods: Annotated[str, typer.Option("--methods", help="comma-separated: multidiffusion, p2p, mrgd")] = "multidiffusion,p2p,mrgd",
+    ablations: Annotated[bool, typer.Option("--ablations", help="also MRGD with no guidance / no KSSA / no r_total / no keyword selection")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="at most N pairs, taken in turn from each task")] = None,
+    steps: StepsOpt = None, model: ModelOpt = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N; default cpu, or each process's own device under accelerate launch")] = None,
+    dtype: DtypeOpt = "float32",
+    scorer: Annotated[Optional[str], typer.Option("--scorer", help="CLIP folder or hub id for CLIP-in-box; default: the model family's clip/")] = None,
+    guidance_model: Annotated[Optional[str], typer.Option("--guidance-model", help="CLIPSeg folder or hub id for guidance; default: the model family's clipseg/")] = None,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Benchmark methods and ablations on a suite (paper Table 1). Writes records.jsonl, results.json, results.md,
+    sheet-<task>.png and images/. Under `accelerate launch -m mrgd bench ...` the jobs are split between processes."""
+    from . import bench
+
+    t0 = time.perf_counter()
+    chosen = bench.variants(bench.parse_methods(methods), ablations)
+    pairs = bench.load_suite(suite, limit=limit, steps=steps)  # bad input fails before the model loads
+    bench.check_out_dir(output)
+    state = bench.process_state()
+    if state.num_processes > 1 and device in (None, "cuda"):
+        device = str(state.device)
+    if model is not None and Path(model).exists():
+        model = str(Path(model).resolve())
+    pipe = _load_pipe(model, device or "cpu", dtype, allow_pickle, guidance_model)
+    score_model = score_tok = None
+    if scorer is not None:
+        score_model, score_tok = bench.load_scorer(scorer, pipe.device)
+    results = bench.run_bench(pipe, suite, output, chosen, limit=limit, steps=steps, scorer=score_model,
+                              scorer_tokenizer=score_tok, scorer_name=scorer, state=state,
+                              log=lambda message: typer.echo(message, err=True))
+    if results is None:  # not the main process: the main one writes the tables
+        return
+    typer.echo(f"{len(pairs)} pairs x {len(chosen)} variants: wrote {output}/results.md, results.json, "
+               f"records.jsonl, sheet-*.png in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command("train-toy")

@@ -97,3 +97,59 @@ def keywords_to_words(encoded: EncodedPrompt, selected: list[tuple[int, float]])
         word = word_at[position]
         best[word] = min(best.get(word, math.inf), entropy)
     return [{"word": w, "entropy": h} for w, h in sorted(best.items(), key=lambda item: item[1])]
+
+
+class KeywordTracker:
+    """Keyword selection during sampling (method.md §4): collect r_total's maps, select at the chosen steps.
+
+    The pipeline tells it, per UNet call, which batch rows are r_total's conditional rows and of which image;
+    the attention processors hand it the probabilities of every cross-attention layer at `level`.
+    """
+
+    def __init__(self, level: int, hw: tuple[int, int], select_at: list[int], k: int,
+                 totals: dict[int, EncodedPrompt], candidates: dict[int, dict[str, list[int]]]):
+        self.level, self.hw, self.select_at, self.k = level, hw, set(select_at), k
+        self.totals, self.candidates = totals, candidates
+        self.accumulators = {image: MapAccumulator() for image in totals}
+        self.selected: dict[int, dict[str, list[tuple[int, float]]]] = {}
+        self.row_images: list[int] = []  # image of each recorded row in the call in flight
+
+    def record(self, name: str, level: int, probs: torch.Tensor) -> None:
+        """Attention-processor callback: probs[rows, heads, N, tokens] of the recorded rows."""
+        if level != self.level:
+            return
+        for n, image in enumerate(self.row_images):
+            self.accumulators[image].add(probs[n : n + 1], self.hw)
+
+    def after_step(self, step: int) -> bool:
+        """Select keywords if this is a selection step; True when a selection was made."""
+        if step not in self.select_at:
+            return False
+        for image, acc in self.accumulators.items():
+            if acc.count:
+                self.selected[image] = select_keywords(acc.maps(), self.candidates[image], self.k)
+        return bool(self.selected)
+
+    def positions(self, image: int) -> list[int]:
+        """All selected token positions of an image's r_total prompt (for KSSA)."""
+        return sorted({p for chosen in self.selected.get(image, {}).values() for p, _ in chosen})
+
+    def words(self, image: int) -> dict[str, list[dict]]:
+        """Region id -> selected words with entropies, lowest first."""
+        return {rid: keywords_to_words(self.totals[image], chosen) for rid, chosen in self.selected.get(image, {}).items()}
+
+    def word_maps(self, image: int) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """Region id -> (word, averaged map [N]) for each selected word (sub-word maps averaged)."""
+        if not self.accumulators[image].count:
+            return {}
+        maps = self.accumulators[image].maps()
+        spans = {p: (word, positions) for word, positions in word_spans(self.totals[image]) for p in positions}
+        out: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for rid, chosen in self.selected.get(image, {}).items():
+            seen = set()
+            for p, _ in chosen:
+                word, positions = spans[p]
+                if word not in seen:
+                    seen.add(word)
+                    out.setdefault(rid, []).append((word, maps[positions].mean(0)))
+        return out

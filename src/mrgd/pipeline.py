@@ -22,6 +22,7 @@ from . import fusion
 from .attention import AttentionState, Follow, attention_levels, controlled_attention, cross_alpha, refine_mapping, self_replace_active
 from .ddim import alphas_at, ddim_step, to_epsilon
 from .guidance import Segmenter
+from .keywords import KeywordTracker
 from .layout import Edit, Layout, LayoutRegion, Settings
 from .prompts import EncodedPrompt, PromptEncoder
 
@@ -54,6 +55,7 @@ class RegionPlan:
     mask: torch.Tensor | None
     control: str  # background | inherent | modified | added | removed | total
     first_step: int = 0
+    parts: list[tuple[str | None, str]] | None = None  # r_total: named parts, so tokens know their region
 
 
 @dataclass
@@ -62,6 +64,8 @@ class EditResult:
     target: Image.Image | None
     info: dict[str, Any]
     latents: dict[str, torch.Tensor] = field(default_factory=dict)
+    # For pictures that explain the run: keyword maps per image and region, Φ's last masks.
+    explain: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,11 +140,16 @@ class MRGDPipeline:
 
         # 2. Prompts; the empty negative of a region may be replaced by an inverted null embedding (§7).
         with timer("encode"):
-            encoded = {(i, p.key): (encoder.encode(p.prompt), encoder.encode(p.negative))
-                       for i in images for p in plans[i]}
+            encoded = {(i, p.key): (encoder.encode_parts(p.parts) if p.parts else encoder.encode(p.prompt),
+                                    encoder.encode(p.negative)) for i in images for p in plans[i]}
+            # prompts longer than 75 tokens have more chunks; pad all to one length so any rows batch together
+            flat = encoder.pad_to_same_length([e for pair in encoded.values() for e in pair])
+            encoded = {key: (flat[2 * n], flat[2 * n + 1]) for n, key in enumerate(encoded)}
             follows_setup = self._control_setup(plans, encoded, settings, info) if len(images) == 2 else {}
 
         guide = self._guide(edit, plans, info) if len(images) == 2 else None
+        tracker = self._keyword_tracker(edit, plans, encoded, levels, images)
+        state.kssa_scale = settings.kssa_scale
 
         # 3. Timesteps and the initial noise, shared by source and target.
         self.scheduler.set_timesteps(steps, device="cpu")
@@ -162,10 +171,12 @@ class MRGDPipeline:
                 jobs = [self._job(i, p, encoded, null_embeds, k) for i in images for p in plans[i] if k >= p.first_step]
                 with timer("unet"):
                     eps = self._predict(jobs, latents, t, edit.guidance_scale, state, follows_setup, k, steps,
-                                        settings.schedule, info)
+                                        settings.schedule, info, tracker)
                     outputs = [ddim_step(latents[j.image][j.box.slices], e, alpha, alpha_prev) for j, e in zip(jobs, eps)]
                 with timer("fusion"):
                     fused = {i: self._fuse(jobs, outputs, i, latents[i]) for i in images}
+                if tracker is not None and tracker.after_step(k):
+                    self._use_keywords(tracker, guide, state, settings, info)
                 if guide is not None and guide.active(k):
                     with timer("guidance"):
                         fused = guide.step(self, k, latents, fused, alpha, alpha_prev, info)
@@ -178,8 +189,15 @@ class MRGDPipeline:
         with timer("decode"):
             pictures = {i: self.decode(latents[i]) for i in images}
         info.update(self._describe(edit, images, timer))
+        explain = {}
+        if tracker is not None:
+            explain["keyword_maps"] = {("source", "target")[i]: tracker.word_maps(i) for i in tracker.selected}
+            explain["keyword_hw"] = tracker.hw
+        if guide is not None and guide.last_maps is not None:
+            explain["masks"] = {("source", "target")[i]: list(zip([k for k, _ in guide.regions[i]], guide.texts(i),
+                                                                   guide.last_maps[i])) for i in (SOURCE, TARGET)}
         return EditResult(pictures[SOURCE] if SOURCE in pictures else None, pictures.get(TARGET), info,
-                          {("source", "target")[i]: latents[i].cpu() for i in images})
+                          {("source", "target")[i]: latents[i].cpu() for i in images}, explain)
 
     # ------------------------------------------------------------------ steps of the loop
     def _plan_regions(self, edit: Edit, layout: Layout, image: int, steps: int) -> list[RegionPlan]:
@@ -200,8 +218,9 @@ class MRGDPipeline:
         if settings.method != "multidiffusion" and settings.use_total and layout.regions:
             # r_total joins for the last floor(T*N) + 1 steps (method.md §1)
             first = max(0, steps - (int(edit.total_fraction * steps) + 1))
+            parts = [(None, layout.prompt)] + [(r.id, r.prompt) for r in layout.regions]
             plans.append(RegionPlan(TOTAL, "foreground", full, layout.total_prompt(), layout.negative_prompt,
-                                    torch.ones(full.size), "total", first))
+                                    torch.ones(full.size), "total", first, parts))
         backgrounds = [p.box for p in plans if p.layer == "background"]
         if fusion.needs_canvas_fallback(full.size, backgrounds):
             plans.insert(0, RegionPlan(CANVAS, "canvas", full, layout.prompt, layout.negative_prompt, None, "background"))
@@ -257,7 +276,7 @@ class MRGDPipeline:
         return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask)
 
     def _predict(self, jobs: list[Job], latents, t, scale: float, state: AttentionState, setup, step: int,
-                 steps: int, schedule: str, info) -> list[torch.Tensor]:
+                 steps: int, schedule: str, info, tracker=None) -> list[torch.Tensor]:
         """ε̂ of every crop. Equal padded sizes share one UNet call, rows [uncond..., cond...] (cond only when
         scale <= 1, as diffusers skips classifier-free guidance there)."""
         eps: list[Any] = [None] * len(jobs)
@@ -274,7 +293,7 @@ class MRGDPipeline:
             embeds = torch.cat([j.uncond.embeds for j in group] + conds) if cfg else torch.cat(conds)
             state.reset_call()
             state.follows = self._follows(group, setup, step, steps, schedule, len(group) if cfg else 0)
-            self._prepare_call(state, group, len(group) if cfg else 0)
+            self._prepare_call(state, group, len(group) if cfg else 0, tracker)
             model_in = torch.cat([batch, batch]) if cfg else batch
             out = self.unet(model_in, t, encoder_hidden_states=embeds).sample
             info["unet_calls"] += 1
@@ -288,8 +307,48 @@ class MRGDPipeline:
                                     self.scheduler.alphas_cumprod[t].to(crop), self.scheduler.config.prediction_type)
         return eps
 
-    def _prepare_call(self, state: AttentionState, group: list[Job], cond_offset: int) -> None:
-        """Hook for per-call attention work beyond control (keyword maps, KSSA); set up in `edit`."""
+    def _prepare_call(self, state: AttentionState, group: list[Job], cond_offset: int, tracker) -> None:
+        """Mark r_total's conditional rows of this call for keyword maps (§4) and, once chosen, KSSA (§5)."""
+        if tracker is None:
+            return
+        totals = [(cond_offset + n, job.image) for n, job in enumerate(group) if job.key == TOTAL]
+        state.recorder = tracker.record
+        state.record_rows = [row for row, _ in totals]
+        tracker.row_images = [image for _, image in totals]
+        if state.kssa_levels:
+            for row, image in totals:
+                positions = tracker.positions(image)
+                if positions:
+                    state.kssa_rows.append(row)
+                    state.kssa_tokens[row] = torch.tensor(positions, device=self.device)
+
+    def _keyword_tracker(self, edit: Edit, plans, encoded, levels: list[int], images):
+        """Keyword selection of method `mrgd` (§4), or None when off (no r_total, keywords = 0, other method)."""
+        settings = edit.mrgd
+        totals = {i: p for i in images for p in plans[i] if p.key == TOTAL}
+        if settings.method != "mrgd" or settings.keywords == 0 or len(totals) == 0 or len(levels) < 2:
+            return None
+        first = min(p.first_step for p in totals.values())
+        select_at = sorted({max(first, edit.steps - d) for d in settings.keyword_steps if edit.steps - d < edit.steps})
+        level = levels[-2]  # the second-lowest resolution (16x16 for SD at 512 px)
+        h, w = (edit.size[1] // self.latent_factor, edit.size[0] // self.latent_factor)
+        size = -(-h // self.unet_multiple) * self.unet_multiple, -(-w // self.unet_multiple) * self.unet_multiple
+        hw = (-(-size[0] // 2**level), -(-size[1] // 2**level))
+        from .prompts import positions_of
+
+        total_prompts = {i: encoded[(i, TOTAL)][0] for i in totals}
+        candidates = {i: {r.id: positions_of(total_prompts[i], r.id) for r in (edit.source(), edit.target())[i].regions}
+                      for i in totals}
+        return KeywordTracker(level, hw, select_at, settings.keywords, total_prompts, candidates)
+
+    def _use_keywords(self, tracker, guide, state: AttentionState, settings: Settings, info) -> None:
+        """After a selection: keywords become Φ's queries and, with KSSA on, drive r_total's self-attention."""
+        if guide is not None:
+            guide.selected = {(i, rid): [w["word"] for w in words] for i in tracker.selected
+                              for rid, words in tracker.words(i).items()}
+        if settings.kssa:
+            state.kssa_levels = frozenset(range(8))  # every down-block level; the processor checks the block
+        info["keywords"] = {("source", "target")[i]: tracker.words(i) for i in tracker.selected}
 
     def _follows(self, group: list[Job], setup, step: int, steps: int, schedule: str, cond_offset: int) -> list[Follow]:
         """Target cond rows that follow their source cond rows in this call; only cond rows are edited."""

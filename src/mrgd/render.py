@@ -90,3 +90,57 @@ def _row(panels: list[tuple[str, Image.Image]], gap: int = 6, header: int = 16) 
         grid.paste(panel, (x, header))
         x += panel.width + gap
     return grid
+
+
+def _heat(values, size: tuple[int, int]) -> Image.Image:
+    """A [h, w] map (any scale) as a heat picture of `size`."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = (v - v.min()) / (v.max() - v.min() + 1e-12)
+    rgb = np.stack([v, v**2, 1 - v], axis=-1) * 255
+    return Image.fromarray(rgb.astype("uint8")).resize(size, Image.NEAREST)
+
+
+def _tile_rows(rows: list[tuple[str, list[tuple[str, Image.Image]]]], tile: int = 96) -> Image.Image:
+    """Rows of labelled tiles: [(row label, [(tile label, picture)])]."""
+    font = ImageFont.load_default()
+    cols = max((len(t) for _, t in rows), default=1)
+    label_w, header = 110, 14
+    sheet = Image.new("RGB", (label_w + cols * (tile + 4), max(1, len(rows)) * (tile + header + 4)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for r, (row_label, tiles) in enumerate(rows):
+        y = r * (tile + header + 4)
+        draw.text((4, y + tile // 2), row_label[:18], fill=(230, 230, 230), font=font)
+        for c, (label, picture) in enumerate(tiles):
+            x = label_w + c * (tile + 4)
+            sheet.paste(picture.resize((tile, tile), Image.NEAREST), (x, y + header))
+            draw.text((x + 2, y + 1), label[:16], fill=(230, 230, 230), font=font)
+    return sheet
+
+
+def keyword_picture(keyword_maps: dict, hw: tuple[int, int], images: dict[str, Image.Image]) -> Image.Image:
+    """Each selected word's averaged r_total attention map, labelled, one row per image and region."""
+    rows = []
+    for which, regions in keyword_maps.items():
+        for rid, words in regions.items():
+            tiles = [("image", images[which])]
+            tiles += [(word, _heat(m.reshape(hw).numpy(), images[which].size)) for word, m in words]
+            rows.append((f"{which}: {rid}", tiles))
+    return _tile_rows(rows)
+
+
+def masks_picture(masks: dict, edit, images: dict[str, Image.Image]) -> Image.Image:
+    """Φ's final mask for each region on source and target, the region's box drawn over it."""
+    boxes = {r.id: r.box for r in edit.regions}
+    rows = []
+    for which, entries in masks.items():
+        tiles = [("image", images[which])]
+        for rid, text, mask in entries:
+            picture = _heat(mask.numpy(), (192, 192))
+            draw = ImageDraw.Draw(picture)
+            x, y, w, h = boxes[rid]
+            draw.rectangle([x * 192, y * 192, min(191, (x + w) * 192), min(191, (y + h) * 192)], outline=(255, 255, 255))
+            tiles.append((f"{rid}: {text}", picture))
+        rows.append((which, tiles))
+    return _tile_rows(rows)

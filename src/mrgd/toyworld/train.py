@@ -35,7 +35,7 @@ class TrainConfig:
     crops: int = 16000
     clip_steps: int = 700
     clip_batch: int = 128
-    vae_steps: int = 3000
+    vae_steps: int = 2200
     vae_batch: int = 32
     unet_steps: int = 8000
     unet_batch: int = 32

@@ -1,0 +1,541 @@
+"""`mrgd bench`: the paper's Table 1 protocol (method.md §8) over a suite of edit files, resumable and split
+across processes with accelerate (design.md, "Scale out").
+
+A *job* is one (pair, variant): a suite's edit file run with one method or ablation. Every finished job is one
+JSON line in ``OUT/records.jsonl`` (``records.rank<k>.jsonl`` per process under ``accelerate launch``), written
+the moment it finishes, so an interrupted bench resumes where it stopped. At the end the main process merges the
+records and writes ``results.json``, ``results.md`` and one contact sheet per task.
+
+Every variant of a pair uses the pair's seed, and the pipeline seeds each edit from its file, so the numbers do
+not depend on how the jobs were split between processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .layout import Edit, read_config_file
+
+METHODS = ("multidiffusion", "p2p", "mrgd")
+METHOD_LABELS = {"multidiffusion": "MultiDiffusion", "p2p": "P2P*", "mrgd": "MRGD"}
+TASKS = ("add", "remove", "attribute")  # the paper's column order; other task names follow
+ROLE_TASKS = {"added": "add", "removed": "remove", "modified": "attribute"}
+RECORDS = "records.jsonl"
+CONFIG = "bench.json"
+MAX_SHEET_ROWS = 25
+METRICS = ("clip", "ssim_e", "ssim_i")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of the comparison: a name (used in file names and records), a table label and the overrides
+    applied to each edit's ``mrgd`` settings block."""
+
+    name: str
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+ABLATIONS = (
+    Variant("mrgd-no-guidance", "MRGD, no guidance", {"method": "mrgd", "guidance": False}),
+    Variant("mrgd-no-kssa", "MRGD, no KSSA", {"method": "mrgd", "kssa": False}),
+    Variant("mrgd-no-total", "MRGD, no r_total", {"method": "mrgd", "use_total": False}),
+    Variant("mrgd-no-keywords", "MRGD, no keyword selection", {"method": "mrgd", "keywords": 0}),
+)
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"multidiffusion,p2p"`` -> the method names, checked; errors are one-line :class:`InputError`."""
+    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise InputError("--methods: no method given; use some of multidiffusion, p2p, mrgd")
+    for method in methods:
+        if method not in METHODS:
+            raise InputError(f"--methods: unknown method {method!r}; use some of multidiffusion, p2p, mrgd")
+    return list(dict.fromkeys(methods))
+
+
+def variants(methods: Sequence[str] = METHODS, ablations: bool = False) -> list[Variant]:
+    """The variants of a bench: each method as is, then (with ``ablations``) MRGD with one component off."""
+    chosen = [Variant(m, METHOD_LABELS[m], {"method": m}) for m in parse_methods(",".join(methods))]
+    return chosen + (list(ABLATIONS) if ablations else [])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Suites
+
+
+@dataclass
+class Pair:
+    """One edit of a suite."""
+
+    name: str  # the file's stem; unique in a suite
+    file: str  # as written in suite.json, relative to the suite folder
+    task: str
+    description: str
+    edit: Edit
+
+    def edit_for(self, variant: Variant) -> Edit:
+        """The pair's edit with the variant's settings; same seed, canvas and regions for every variant."""
+        data = self.edit.to_dict()
+        data["mrgd"] = {**data["mrgd"], **variant.overrides}
+        return Edit.from_dict(data, source=f"{self.file} ({variant.name})")
+
+
+def _task_of(edit: Edit, path: Path) -> str:
+    tasks = {ROLE_TASKS[role] for role in edit.roles().values() if role in ROLE_TASKS}
+    if not tasks:
+        raise InputError(f"{path}: changes nothing; a bench pair must add, remove or modify a region")
+    return tasks.pop() if len(tasks) == 1 else "mixed"
+
+
+def _suite_entries(suite: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """(base folder, entries) of a suite folder, a suite .json list, or a folder of edit files."""
+    if suite.is_file():
+        base, listing = suite.parent, suite
+    elif suite.is_dir():
+        base, listing = suite, suite / "suite.json"
+    else:
+        raise InputError(f"SUITE: {suite} not found; give a folder holding suite.json or edit files")
+    if not listing.exists():
+        files = sorted(p for p in base.iterdir() if p.suffix.lower() in (".json", ".yaml", ".yml") and p.is_file())
+        if not files:
+            raise InputError(f"SUITE: {base} holds no suite.json and no edit files (.json/.yaml)")
+        return base, [{"file": p.name} for p in files]
+    try:
+        entries = json.loads(listing.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{listing}: cannot read it as JSON ({type(err).__name__}); fix the file") from None
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f'{listing}: expected a non-empty list of {{"file": ..., "task": ...}} entries')
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise InputError(f'{listing}: [{i}].file: missing; give each entry {{"file": "add-00.json", "task": "add"}}')
+    return base, entries
+
+
+def load_suite(suite: str | Path, limit: int | None = None, steps: int | None = None) -> list[Pair]:
+    """The pairs of a suite, each edit validated (and with ``steps`` DDIM steps when given).
+
+    ``limit`` keeps at most that many pairs, taken in turn from each task in suite order (add, remove, attribute,
+    add, ...), so that even a short run fills every column of the table.
+    """
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit: {limit} is not a positive number of pairs; use e.g. --limit 6")
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps: {steps} is not a positive number of steps; use e.g. --steps 20")
+    base, entries = _suite_entries(Path(suite))
+    pairs: list[Pair] = []
+    seen: dict[str, str] = {}
+    for entry in entries:
+        path = base / entry["file"]
+        data = read_config_file(path)
+        if steps is not None:
+            data = {**data, "steps": steps}
+        edit = Edit.from_dict(data, source=str(path))
+        name = Path(entry["file"]).stem
+        if name in seen:
+            raise InputError(f"SUITE: {entry['file']} and {seen[name]} share the name {name!r}; rename one")
+        seen[name] = entry["file"]
+        task = entry.get("task") or _task_of(edit, path)
+        pairs.append(Pair(name, entry["file"], str(task), str(entry.get("description", "")), edit))
+    if limit is None or limit >= len(pairs):
+        return pairs
+    by_task: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        by_task.setdefault(pair.task, []).append(pair)
+    queues = [by_task[t] for t in _task_order(by_task)]
+    chosen: list[Pair] = []
+    while len(chosen) < limit:
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def _task_order(tasks: Iterable[str]) -> list[str]:
+    tasks = list(dict.fromkeys(tasks))
+    return [t for t in TASKS if t in tasks] + [t for t in tasks if t not in TASKS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a .jsonl file; a line cut short by an interrupted run is skipped (its job runs again)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "pair" in record and "variant" in record:
+            records.append(record)
+    return records
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as one line and flush it to disk at once."""
+    with open(path, "ab") as handle:
+        if handle.tell() and _last_byte(path) != b"\n":
+            handle.write(b"\n")  # the previous run died mid-line; start a clean line
+        handle.write((json.dumps(record, allow_nan=False) + "\n").encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1)
+
+
+def _rank_files(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("records.rank*.jsonl"))
+
+
+def _all_records(out_dir: Path) -> list[dict[str, Any]]:
+    """records.jsonl then every rank file, one record per (pair, variant) (the first one wins)."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in [out_dir / RECORDS, *_rank_files(out_dir)]:
+        for record in read_records(path):
+            merged.setdefault((record["pair"], record["variant"]), record)
+    return list(merged.values())
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse an output that is a file, or a folder holding other things than a bench (no records.jsonl)."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"-o: {out_dir} exists and is not a folder; choose another output path")
+    if (out_dir / RECORDS).exists() or (out_dir / CONFIG).exists() or _rank_files(out_dir):
+        return  # a bench folder: resumed in place
+    if any(out_dir.iterdir()):
+        raise InputError(f"-o: {out_dir} holds other files and no {RECORDS}; choose a new or empty folder "
+                         "(a bench folder is resumed in place)")
+
+
+def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
+    path = out_dir / CONFIG
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    for key, value in config.items():
+        if key in before and before[key] != value:
+            raise InputError(f"-o: {out_dir} holds a bench run with {key} {before[key]!r}, this run has {value!r}; "
+                             "resume with the same settings or choose another folder")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def _number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def image_paths(pair: str, variant: str) -> tuple[str, str]:
+    """Source and target image paths of a job, relative to the bench folder."""
+    return f"images/{pair}__{variant}__source.png", f"images/{pair}__{variant}__target.png"
+
+
+def run_job(pipe, pair: Pair, variant: Variant, out_dir: Path, scorer=None, scorer_tokenizer=None) -> dict[str, Any]:
+    """Run one (pair, variant), save its two pictures and return its record."""
+    from .metrics import clip_in_box, ssim_e, ssim_i
+    from .render import save_png
+
+    edit = pair.edit_for(variant)
+    t0 = time.perf_counter()
+    result = pipe.edit(edit)
+    seconds = time.perf_counter() - t0
+    source_path, target_path = image_paths(pair.name, variant.name)
+    config = edit.to_dict()
+    save_png(result.source, out_dir / source_path, config, pipe.name, "source")
+    save_png(result.target, out_dir / target_path, config, pipe.name, "target")
+    clip_regions = clip_in_box(result.target, edit, scorer, scorer_tokenizer) if scorer is not None else None
+    scores = [s for s in (clip_regions or {}).values() if math.isfinite(s)]
+    return {
+        "pair": pair.name, "variant": variant.name, "label": variant.label, "task": pair.task, "file": pair.file,
+        "seed": edit.seed, "steps": edit.steps, "size": list(edit.size),
+        "clip": sum(scores) / len(scores) if scores else None,
+        "clip_regions": clip_regions,
+        "ssim_e": _number(ssim_e(result.source, result.target, edit)),
+        "ssim_i": _number(ssim_i(result.source, result.target, edit)),
+        "seconds": round(seconds, 4), "unet_calls": result.info["unet_calls"],
+        "notes": result.info.get("notes", []), "source": source_path, "target": target_path,
+    }
+
+
+def process_state():
+    """accelerate's view of the processes (one, unless started with `accelerate launch`).
+
+    Processes started by torchrun on a machine without an accelerator (``accelerate launch --multi_gpu
+    --num_processes N`` there, or with ACCELERATE_USE_CPU=1) join as CPU processes over gloo; PartialState would
+    otherwise take each for a lone process. The barrier timeout is long: a process that finished its share waits
+    for the slowest one.
+    """
+    import torch
+    from accelerate import PartialState
+
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return PartialState(cpu=use_cpu or not has_accelerator, timeout=timedelta(days=3))
+
+
+def run_bench(pipe, suite_dir: str | Path, out_dir: str | Path, variants: Sequence[Variant], *,
+              limit: int | None = None, steps: int | None = None, scorer=None, scorer_tokenizer=None,
+              scorer_name: str | None = None, state=None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """Run every (pair, variant) not yet in ``out_dir`` and write the tables.
+
+    ``scorer``/``scorer_tokenizer`` (a transformers CLIPModel) default to the pipeline's; without any, CLIP is
+    null. ``state`` is an accelerate ``PartialState``: with several processes the pending jobs are split between
+    them and the main process merges their records. Returns the results (as in results.json) on the main
+    process, None on the others.
+    """
+    out_dir = Path(out_dir)
+    log = log or (lambda message: None)
+    if scorer is None:
+        scorer, scorer_tokenizer = pipe.scorer, pipe.scorer_tokenizer
+        scorer_name = "model" if scorer is not None else None
+    else:
+        scorer_name = scorer_name or "custom"
+    pairs = load_suite(suite_dir, limit=limit, steps=steps)
+    jobs = [(pair, variant) for pair in pairs for variant in variants]
+    config = {"suite": str(Path(suite_dir).resolve()), "model": pipe.name, "dtype": str(pipe.dtype).replace("torch.", ""),
+              "steps": steps, "scorer": scorer_name}
+    distributed = state is not None and state.num_processes > 1
+    is_main = state is None or state.is_main_process
+
+    # Everyone reads before anyone writes, so every process computes the same pending list.
+    check_out_dir(out_dir)
+    _check_config(out_dir, config)
+    done = {(r["pair"], r["variant"]) for r in _all_records(out_dir)}
+    pending = [job for job in jobs if (job[0].name, job[1].name) not in done]
+    if distributed:
+        state.wait_for_everyone()
+    if is_main:
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        _write_text(out_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    if is_main and len(pending) < len(jobs):
+        log(f"resuming: {len(jobs) - len(pending)} of {len(jobs)} jobs already done")
+
+    records_path = out_dir / (f"records.rank{state.process_index}.jsonl" if distributed else RECORDS)
+    prefix = f"[rank {state.process_index}] " if distributed else ""
+    split = state.split_between_processes(pending) if distributed else nullcontext(pending)
+    with split as mine:
+        for n, (pair, variant) in enumerate(mine, 1):
+            record = run_job(pipe, pair, variant, out_dir, scorer, scorer_tokenizer)
+            append_record(records_path, record)
+            clip = "n/a" if record["clip"] is None else f"{record['clip']:.2f}"
+            log(f"{prefix}[{n}/{len(mine)}] {pair.name} {variant.name}: CLIP {clip}, SSIM-e {_fmt(record['ssim_e'], 4)}, "
+                f"SSIM-i {_fmt(record['ssim_i'], 4)}, {record['seconds']:.1f} s, {record['unet_calls']} UNet calls")
+
+    if distributed:
+        state.wait_for_everyone()
+    if not is_main:
+        return None
+    return finish(out_dir, jobs, config)
+
+
+def finish(out_dir: Path, jobs: Sequence[tuple[Pair, Variant]], config: dict[str, Any]) -> dict[str, Any]:
+    """Merge the rank files into records.jsonl, then write results.json, results.md and the contact sheets."""
+    order = {(pair.name, variant.name): i for i, (pair, variant) in enumerate(jobs)}
+    records = _all_records(out_dir)
+    records.sort(key=lambda r: order.get((r["pair"], r["variant"]), len(order)))
+    _write_text(out_dir / RECORDS, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+    for path in _rank_files(out_dir):
+        path.unlink()
+    current = [r for r in records if (r["pair"], r["variant"]) in order]
+    summary = summarise(current)
+    variant_list = list({v.name: v for _, v in jobs}.values())
+    results = {"config": config, "variants": [{"name": v.name, "label": v.label, "overrides": v.overrides}
+                                              for v in variant_list],
+               "records": current, "summary": summary}
+    _write_text(out_dir / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_markdown(summary, out_dir / "results.md", config=config, records=current)
+    for task in summary["tasks"]:
+        contact_sheet([r for r in current if r["task"] == task], out_dir, out_dir / f"sheet-{task}.png")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-task, per-variant means of CLIP, SSIM-e, SSIM-i, seconds and UNet calls (nulls left out of means).
+
+    Returns ``{"tasks", "variants", "labels", "table": {variant: {task: {n, clip, ssim_e, ssim_i, seconds,
+    unet_calls}}}, "cost": {variant: {n, seconds, unet_calls}}}``; variants and tasks in order of appearance
+    (tasks: add, remove, attribute first).
+    """
+    tasks = _task_order(r["task"] for r in records)
+    names = list(dict.fromkeys(r["variant"] for r in records))
+    labels = {r["variant"]: r.get("label", r["variant"]) for r in records}
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    cost: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mine = [r for r in records if r["variant"] == name]
+        table[name] = {}
+        for task in tasks:
+            cell = [r for r in mine if r["task"] == task]
+            table[name][task] = {"n": len(cell), **{m: _mean(r[m] for r in cell) for m in METRICS},
+                                 "seconds": _mean(r["seconds"] for r in cell),
+                                 "unet_calls": _mean(r["unet_calls"] for r in cell)}
+        cost[name] = {"n": len(mine), "seconds": _mean(r["seconds"] for r in mine),
+                      "unet_calls": _mean(r["unet_calls"] for r in mine)}
+    return {"tasks": tasks, "variants": names, "labels": labels, "table": table, "cost": cost}
+
+
+def _fmt(value: float | None, decimals: int) -> str:
+    return "n/a" if value is None else f"{value:.{decimals}f}"
+
+
+def write_markdown(summary: dict[str, Any], path: str | Path, *, config: dict[str, Any] | None = None,
+                   records: Sequence[dict[str, Any]] = ()) -> str:
+    """results.md: the paper's Table 1 layout (rows variants; per task CLIP / SSIM-e / SSIM-i), then cost."""
+    config = config or {}
+    tasks, names, labels = summary["tasks"], summary["variants"], summary["labels"]
+    counts = {t: max((summary["table"][v][t]["n"] for v in names), default=0) for t in tasks}
+    steps = sorted({r["steps"] for r in records})
+    steps_text = ", ".join(map(str, steps)) or "?"
+    lines = [
+        "# MRGD benchmark",
+        "",
+        f"Model `{config.get('model', '?')}`, DDIM steps {steps_text}"
+        f"{' (--steps)' if config.get('steps') else ''}, dtype {config.get('dtype', '?')}; "
+        f"{sum(counts.values())} pairs ({', '.join(f'{t} {counts[t]}' for t in tasks)}); "
+        "every variant of a pair uses the pair's seed. Metrics as in method.md §8.",
+        "",
+        "| variant | " + " | ".join(f"{t} ({counts[t]}): CLIP / SSIM-e / SSIM-i" for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for name in names:
+        cells = []
+        for task in tasks:
+            cell = summary["table"][name][task]
+            cells.append("–" if not cell["n"] else
+                         f"{_fmt(cell['clip'], 2)} / {_fmt(cell['ssim_e'], 4)} / {_fmt(cell['ssim_i'], 4)}")
+        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    if records and all(r["clip"] is None for r in records):
+        lines += ["", "CLIP: n/a, no scorer (the model folder has no clip/; pass --scorer, e.g. "
+                      "openai/clip-vit-base-patch16 as in the paper)."]
+    elif config.get("scorer"):
+        scorer = "the model family's clip/" if config["scorer"] == "model" else f"`{config['scorer']}`"
+        lines += ["", f"CLIP scorer: {scorer}."]
+    lines += ["", "| variant | pairs | seconds / pair | UNet calls / pair |", "|---|---|---|---|"]
+    for name in names:
+        cost = summary["cost"][name]
+        lines.append(f"| {labels[name]} | {cost['n']} | {_fmt(cost['seconds'], 2)} | {_fmt(cost['unet_calls'], 1)} |")
+    notes = list(dict.fromkeys(note for r in records for note in r.get("notes", [])))
+    if notes:
+        lines += ["", "Notes from the pipeline:", ""]
+        lines += [f"- {note}" for note in notes[:10]]
+        if len(notes) > 10:
+            lines.append(f"- ... and {len(notes) - 10} more (see records.jsonl)")
+    text = "\n".join(lines) + "\n"
+    _write_text(Path(path), text)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contact sheets
+
+
+def contact_sheet(records: Sequence[dict[str, Any]], out_dir: str | Path, path: str | Path,
+                  max_rows: int = MAX_SHEET_ROWS, thumb: int = 128) -> None:
+    """One picture per task: a row per pair (at most ``max_rows``), columns the source (of the row's first
+    variant) and each variant's target, with small labels."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    out_dir = Path(out_dir)
+    names = list(dict.fromkeys(r["variant"] for r in records))
+    labels = {r["variant"]: r.get("label", r["variant"]) for r in records}
+    pairs = list(dict.fromkeys(r["pair"] for r in records))
+    hidden = max(0, len(pairs) - max_rows)
+    pairs = pairs[:max_rows]
+    by_key = {(r["pair"], r["variant"]): r for r in records}
+    font = ImageFont.load_default()
+    label_w, header, gap = 96, 16, 4
+    columns = ["source"] + [labels[n] for n in names]
+    width = label_w + len(columns) * (thumb + gap)
+    height = header + len(pairs) * (thumb + gap) + (header if hidden else 0)
+    sheet = Image.new("RGB", (width, max(height, header + 1)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    chars = max(4, thumb // 6)
+    for c, title in enumerate(columns):
+        draw.text((label_w + c * (thumb + gap) + 2, 2), title[:chars], fill=(230, 230, 230), font=font)
+    for row, pair in enumerate(pairs):
+        y = header + row * (thumb + gap)
+        draw.text((4, y + 2), pair[:15], fill=(230, 230, 230), font=font)
+        mine = [by_key[(pair, n)] for n in names if (pair, n) in by_key]
+        tiles = [mine[0]["source"] if mine else None] + [by_key[(pair, n)]["target"] if (pair, n) in by_key else None
+                                                         for n in names]
+        for c, rel in enumerate(tiles):
+            x = label_w + c * (thumb + gap)
+            if rel is None or not (out_dir / rel).exists():
+                draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=(60, 60, 60))
+                continue
+            with Image.open(out_dir / rel) as image:
+                tile = image.convert("RGB")
+            tile.thumbnail((thumb, thumb), Image.BICUBIC if max(tile.size) > thumb else Image.NEAREST)
+            if max(tile.size) < thumb:
+                scale = thumb // max(tile.size)
+                tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+            sheet.paste(tile, (x, y))
+    if hidden:
+        draw.text((4, height - header + 2), f"... {hidden} more pairs not shown (see images/)", fill=(230, 230, 230),
+                  font=font)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    sheet.save(tmp)
+    tmp.replace(path)
+
+
+def load_scorer(name: str, device="cpu"):
+    """A transformers CLIPModel and its tokenizer from a folder or hub id, for the CLIP-in-box score."""
+    import torch
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(name, torch_dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # missing folder, no network, not a CLIP model: all the same to the user
+        raise InputError(f"--scorer: cannot load {name!r} as a CLIP model ({type(err).__name__}); give a CLIP folder "
+                         "or a reachable hub id such as openai/clip-vit-base-patch16") from None
+    return model.to(device).eval().requires_grad_(False), tokenizer
