@@ -133,3 +133,33 @@ def test_edit_explain_writes_keywords_and_masks(capsys, tmp_path, edit_file, tin
             assert [w["entropy"] for w in chosen] == sorted(w["entropy"] for w in chosen)
     resolved = json.loads((tmp_path / "x" / "edit.json").read_text())
     assert resolved["mrgd"]["keywords"] == 2 and resolved["mrgd"]["guidance_every"] == 4
+
+
+def test_invert_then_edit_from_inversion(capsys, tmp_path, tiny_model_dir):
+    import numpy as np
+
+    from mrgd.toyworld.world import make_scene
+
+    Image.fromarray(make_scene(np.random.default_rng(0), 96).image).save(tmp_path / "photo.png")
+    edit = {"size": [64, 64], "steps": 3, "guidance_scale": 3.0, "mrgd": {"method": "p2p"}, "regions": [
+        {"id": "ground", "kind": "background", "box": [0, 0, 1, 1], "prompt": "grass"},
+        {"id": "ball", "box": [0.2, 0.2, 0.5, 0.5], "prompt": "a red circle", "target_prompt": "a blue circle"}]}
+    (tmp_path / "edit.json").write_text(json.dumps(edit))
+    code, out, err = run(capsys, "invert", tmp_path / "photo.png", tmp_path / "edit.json", "-o", tmp_path / "inv",
+                         "--model", tiny_model_dir, "--inner-steps", "2", "--min-psnr", "99")
+    assert code == 0, err
+    assert "centre-cropped" in err or "resized" in err
+    assert "below --min-psnr" in err  # the gate speaks plainly and still writes everything
+    names = {p.name for p in (tmp_path / "inv").iterdir()}
+    assert names == {"reconstruction.png", "target.png", "grid.png", "inversion.safetensors", "edit.json", "info.json"}
+    info = json.loads((tmp_path / "inv" / "info.json").read_text())
+    assert info["reconstruction"]["psnr_db"] > 0 and len(info["null_text_losses"]) == 3
+    code, _, err = run(capsys, "edit", tmp_path / "edit.json", "-o", tmp_path / "again", "--model", tiny_model_dir,
+                       "--from-inversion", tmp_path / "inv" / "inversion.safetensors")
+    assert code == 0, err
+    a = Image.open(tmp_path / "inv" / "reconstruction.png")
+    b = Image.open(tmp_path / "again" / "source.png")
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # one inversion, many edits, same reconstruction
+    code, _, err = run(capsys, "invert", tmp_path / "edit.json", tmp_path / "edit.json", "-o", tmp_path / "bad",
+                       "--model", tiny_model_dir)
+    assert code == 2 and "IMAGE" in err

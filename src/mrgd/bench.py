@@ -131,8 +131,8 @@ def _suite_entries(suite: Path) -> tuple[Path, list[dict[str, Any]]]:
 def load_suite(suite: str | Path, limit: int | None = None, steps: int | None = None) -> list[Pair]:
     """The pairs of a suite, each edit validated (and with ``steps`` DDIM steps when given).
 
-    ``limit`` keeps at most that many pairs, taken in turn from each task in suite order (add, remove, attribute,
-    add, ...), so that even a short run fills every column of the table.
+    ``limit`` keeps at most that many pairs, chosen in turn from each task (add, remove, attribute, add, ...) so
+    that even a short run fills every column of the table, and kept in suite order.
     """
     if limit is not None and limit < 1:
         raise InputError(f"--limit: {limit} is not a positive number of pairs; use e.g. --limit 6")
@@ -159,12 +159,12 @@ def load_suite(suite: str | Path, limit: int | None = None, steps: int | None = 
     for pair in pairs:
         by_task.setdefault(pair.task, []).append(pair)
     queues = [by_task[t] for t in _task_order(by_task)]
-    chosen: list[Pair] = []
+    chosen: set[str] = set()
     while len(chosen) < limit:
         for queue in queues:
             if queue and len(chosen) < limit:
-                chosen.append(queue.pop(0))
-    return chosen
+                chosen.add(queue.pop(0).name)
+    return [pair for pair in pairs if pair.name in chosen]  # in suite order
 
 
 def _task_order(tasks: Iterable[str]) -> list[str]:
@@ -220,14 +220,24 @@ def _all_records(out_dir: Path) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def check_out_dir(out_dir: str | Path) -> None:
-    """Refuse an output that is a file, or a folder holding other things than a bench (no records.jsonl)."""
+def bench_config(suite_dir: str | Path, model: str, dtype, steps: int | None, scorer: str | None) -> dict[str, Any]:
+    """What a bench folder's records depend on (kept in bench.json); a resumed run must match it.
+    ``scorer`` None means the model family's own CLIP, if it has one."""
+    return {"suite": str(Path(suite_dir).resolve()), "model": model, "dtype": str(dtype).replace("torch.", ""),
+            "steps": steps, "scorer": scorer}
+
+
+def check_out_dir(out_dir: str | Path, config: dict[str, Any] | None = None) -> None:
+    """Refuse an output that is a file, a folder holding other things than a bench (no records.jsonl), or a
+    bench run with other settings than ``config``."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise InputError(f"-o: {out_dir} exists and is not a folder; choose another output path")
     if (out_dir / RECORDS).exists() or (out_dir / CONFIG).exists() or _rank_files(out_dir):
+        if config is not None:
+            _check_config(out_dir, config)
         return  # a bench folder: resumed in place
     if any(out_dir.iterdir()):
         raise InputError(f"-o: {out_dir} holds other files and no {RECORDS}; choose a new or empty folder "
@@ -324,20 +334,17 @@ def run_bench(pipe, suite_dir: str | Path, out_dir: str | Path, variants: Sequen
     out_dir = Path(out_dir)
     log = log or (lambda message: None)
     if scorer is None:
-        scorer, scorer_tokenizer = pipe.scorer, pipe.scorer_tokenizer
-        scorer_name = "model" if scorer is not None else None
+        scorer, scorer_tokenizer, scorer_name = pipe.scorer, pipe.scorer_tokenizer, None
     else:
         scorer_name = scorer_name or "custom"
     pairs = load_suite(suite_dir, limit=limit, steps=steps)
     jobs = [(pair, variant) for pair in pairs for variant in variants]
-    config = {"suite": str(Path(suite_dir).resolve()), "model": pipe.name, "dtype": str(pipe.dtype).replace("torch.", ""),
-              "steps": steps, "scorer": scorer_name}
+    config = bench_config(suite_dir, pipe.name, pipe.dtype, steps, scorer_name)
     distributed = state is not None and state.num_processes > 1
     is_main = state is None or state.is_main_process
 
     # Everyone reads before anyone writes, so every process computes the same pending list.
-    check_out_dir(out_dir)
-    _check_config(out_dir, config)
+    check_out_dir(out_dir, config)
     done = {(r["pair"], r["variant"]) for r in _all_records(out_dir)}
     pending = [job for job in jobs if (job[0].name, job[1].name) not in done]
     if distributed:
@@ -455,8 +462,8 @@ def write_markdown(summary: dict[str, Any], path: str | Path, *, config: dict[st
     if records and all(r["clip"] is None for r in records):
         lines += ["", "CLIP: n/a, no scorer (the model folder has no clip/; pass --scorer, e.g. "
                       "openai/clip-vit-base-patch16 as in the paper)."]
-    elif config.get("scorer"):
-        scorer = "the model family's clip/" if config["scorer"] == "model" else f"`{config['scorer']}`"
+    elif records:
+        scorer = f"`{config['scorer']}`" if config.get("scorer") else "the model family's clip/"
         lines += ["", f"CLIP scorer: {scorer}."]
     lines += ["", "| variant | pairs | seconds / pair | UNet calls / pair |", "|---|---|---|---|"]
     for name in names:

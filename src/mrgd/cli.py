@@ -136,6 +136,7 @@ def edit(
     guidance_every: Annotated[Optional[int], typer.Option("--guidance-every", help="guide every K-th step (cheaper)")] = None,
     guidance_model: Annotated[Optional[str], typer.Option("--guidance-model", help="CLIPSeg folder or hub id")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="also write keywords.json/.png, masks.png, metrics.png")] = False,
+    from_inversion: Annotated[Optional[Path], typer.Option("--from-inversion", help="inversion.safetensors from `mrgd invert`: edit that real image")] = None,
 ) -> None:
     """Edit: denoise source and target side by side. Writes source.png, target.png, grid.png, edit.json, info.json."""
     from .layout import Edit
@@ -158,7 +159,13 @@ def edit(
     with _staged_output(output, names, force) as stage:
         pipe = _load_pipe(model, device, dtype, allow_pickle, guidance_model)
         bar, callback = _progress(the_edit.steps)
-        result = pipe.edit(the_edit, callback=callback)
+        start = {}
+        if from_inversion is not None:
+            from .inversion import Inversion
+
+            inversion = Inversion.load(from_inversion)
+            start = {"start_latents": inversion.z_T, "null_embeds": inversion.null_embeds_for()}
+        result = pipe.edit(the_edit, callback=callback, **start)
         bar.close()
         config = the_edit.to_dict()
         save_png(result.source, stage / "source.png", config, pipe.name, "source")
@@ -189,6 +196,59 @@ def _write_explain(stage: Path, result, the_edit) -> None:
     if "masks" in result.explain:
         masks_picture(result.explain["masks"], the_edit, images).save(stage / "masks.png")
     explain_masks(the_edit).save(stage / "metrics.png")
+
+
+@app.command()
+def invert(
+    image_file: Annotated[Path, typer.Argument(help="the real image (PNG/JPEG); fitted to the edit's size")],
+    edit_file: Annotated[Path, typer.Argument(help="edit file: its source layout describes the image")],
+    output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu",
+    method: Annotated[Optional[str], typer.Option("--method", help="multidiffusion | p2p | mrgd")] = None,
+    steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
+    inner_steps: Annotated[int, typer.Option("--inner-steps", help="null-text Adam steps per DDIM step")] = 10,
+    min_psnr: Annotated[float, typer.Option("--min-psnr", help="warn when the reconstruction is below this")] = 24.0,
+    guidance_model: Annotated[Optional[str], typer.Option("--guidance-model")] = None,
+) -> None:
+    """Invert a real image (multi-region null-text inversion), then edit it to the target layout."""
+    from .inversion import invert as run_inversion
+    from .inversion import load_image
+    from .layout import Edit
+    from .metrics import psnr, ssim
+    from .render import edit_grid, save_png
+
+    t0 = time.perf_counter()
+    if method is not None and method not in ("multidiffusion", "p2p", "mrgd"):
+        raise InputError(f"--method: unknown method {method!r}; use multidiffusion, p2p or mrgd")
+    the_edit = _apply_overrides(Edit.load(edit_file), None, steps, method)
+    image, message = load_image(image_file, the_edit.size)
+    if message:
+        typer.echo(f"note: {message}", err=True)
+    names = ["reconstruction.png", "target.png", "grid.png", "inversion.safetensors", "edit.json", "info.json"]
+    with _staged_output(output, names, force) as stage:
+        pipe = _load_pipe(model, device, "float32", allow_pickle, guidance_model)
+        t1 = time.perf_counter()
+        inversion, _ = run_inversion(pipe, image, the_edit, inner_steps)
+        invert_seconds = time.perf_counter() - t1
+        result = pipe.edit(the_edit, start_latents=inversion.z_T, null_embeds=inversion.null_embeds_for())
+        quality = {"psnr_db": round(psnr(image, result.source), 3), "ssim": round(ssim(image, result.source), 4)}
+        config = the_edit.to_dict()
+        save_png(result.source, stage / "reconstruction.png", config, pipe.name, "source")
+        save_png(result.target, stage / "target.png", config, pipe.name, "target")
+        grid = edit_grid(result.source, result.target, the_edit, titles=("reconstruction", "target"),
+                         before=[("input", image)])
+        save_png(grid, stage / "grid.png", config, pipe.name, "target")
+        inversion.save(stage / "inversion.safetensors")
+        the_edit.save(stage / "edit.json")
+        _write_info(stage, result.info, {"reconstruction": quality, "inversion_seconds": round(invert_seconds, 2),
+                                         "null_text_losses": inversion.losses, "wall_seconds": round(time.perf_counter() - t0, 3)})
+    typer.echo(f"reconstruction: PSNR {quality['psnr_db']:.2f} dB, SSIM {quality['ssim']:.4f} "
+               f"(inversion {invert_seconds:.1f} s)")
+    if quality["psnr_db"] < min_psnr:
+        typer.echo(f"warning: reconstruction PSNR {quality['psnr_db']:.2f} dB is below --min-psnr {min_psnr}: "
+                   "the layout may not describe the image well, or the model cannot represent it; outputs written anyway",
+                   err=True)
+    typer.echo(f"wrote {output}/reconstruction.png, target.png, grid.png, inversion.safetensors, edit.json, info.json "
+               f"in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command("import-webui")
@@ -238,12 +298,14 @@ def bench_cmd(
     t0 = time.perf_counter()
     chosen = bench.variants(bench.parse_methods(methods), ablations)
     pairs = bench.load_suite(suite, limit=limit, steps=steps)  # bad input fails before the model loads
-    bench.check_out_dir(output)
+    from .models import DEFAULT_MODEL, parse_dtype
+
+    if model is not None and Path(model).exists():
+        model = str(Path(model).resolve())
+    bench.check_out_dir(output, bench.bench_config(suite, model or str(DEFAULT_MODEL), parse_dtype(dtype), steps, scorer))
     state = bench.process_state()
     if state.num_processes > 1 and device in (None, "cuda"):
         device = str(state.device)
-    if model is not None and Path(model).exists():
-        model = str(Path(model).resolve())
     pipe = _load_pipe(model, device or "cpu", dtype, allow_pickle, guidance_model)
     score_model = score_tok = None
     if scorer is not None:

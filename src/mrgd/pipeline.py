@@ -8,6 +8,7 @@ module that owns its concept; this file only knows the order of things.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .attention import AttentionState, Follow, attention_levels, controlled_atte
 from .ddim import alphas_at, ddim_step, to_epsilon
 from .guidance import Segmenter
 from .keywords import KeywordTracker
+from .errors import InputError
 from .layout import Edit, Layout, LayoutRegion, Settings
 from .prompts import EncodedPrompt, PromptEncoder
 
@@ -272,7 +274,11 @@ class MRGDPipeline:
     def _job(self, image: int, plan: RegionPlan, encoded, null_embeds, step: int) -> Job:
         cond, uncond = encoded[(image, plan.key)]
         if null_embeds is not None and (image, plan.key) in null_embeds:
-            uncond = EncodedPrompt(null_embeds[(image, plan.key)][step], uncond.token_ids, uncond.length)
+            null = null_embeds[(image, plan.key)][step][None].to(uncond.embeds)
+            if null.shape != uncond.embeds.shape:
+                raise InputError(f"--from-inversion: region {plan.key!r} was inverted with a prompt of another "
+                                 "chunk count; invert again with this edit's source prompts")
+            uncond = dataclasses.replace(uncond, embeds=null)
         return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask)
 
     def _predict(self, jobs: list[Job], latents, t, scale: float, state: AttentionState, setup, step: int,

@@ -65,9 +65,10 @@ def draw_boxes(image: Image.Image, regions: list[dict[str, Any]]) -> Image.Image
 
 
 def edit_grid(source: Image.Image, target: Image.Image | None, edit, titles=("source", "target"),
-              extra: list[tuple[str, Image.Image]] | None = None) -> Image.Image:
+              extra: list[tuple[str, Image.Image]] | None = None,
+              before: list[tuple[str, Image.Image]] | None = None) -> Image.Image:
     """Panels side by side (source | target, optionally more), each with its image's boxes drawn and labelled."""
-    panels = []
+    panels = [(title, _enlarge(image.convert("RGB"))[0]) for title, image in before or []]
     for title, image, key in ((titles[0], source, "prompt"), (titles[1], target, "target_prompt")):
         if image is None:
             continue

@@ -1,0 +1,221 @@
+"""Real images: DDIM inversion with the fused multi-region prediction, and per-region null-text optimisation
+(method.md §7; null-text inversion after Mokady et al. 2023, made multi-region).
+
+1. `ddim_invert`: encode, then walk DDIM backwards (CFG 1, the fused prediction of the source layout), keeping
+   the pivot trajectory z*_0 … z*_N.
+2. `optimise_null_text`: from ẑ_N = z*_N, for every step optimise each region's unconditional embedding ∅_k^i so
+   that the fused CFG step lands on the pivot z*_{k+1 toward clean}; fp32.
+3. The edit then starts from ẑ_N with those embeddings (`MRGDPipeline.edit(start_latents=, null_embeds=)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .attention import AttentionState, controlled_attention
+from .ddim import ddim_invert_step, ddim_step
+from .errors import InputError
+from .layout import Edit
+from .prompts import PromptEncoder
+
+SOURCE = 0
+
+
+@dataclass
+class Inversion:
+    """What an edit of a real image needs: the inverted noise and each region's null embedding per step."""
+
+    z_T: torch.Tensor  # [1, C, h, w]
+    null_embeds: dict[str, torch.Tensor]  # region key -> [steps, L, D]
+    losses: list[float]  # final null-text loss per step
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"z_T": self.z_T.contiguous()}
+        tensors.update({f"null/{k}": v.contiguous() for k, v in self.null_embeds.items()})
+        save_file(tensors, str(path), metadata={"losses": ",".join(f"{x:.3e}" for x in self.losses)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Inversion:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                losses = [float(x) for x in (f.metadata() or {}).get("losses", "").split(",") if x]
+        except Exception as err:  # corrupt or foreign file
+            raise InputError(f"--from-inversion: cannot read {path} ({type(err).__name__}); "
+                             "give an inversion.safetensors written by `mrgd invert`") from None
+        if "z_T" not in tensors:
+            raise InputError(f"--from-inversion: {path} has no z_T; give a file written by `mrgd invert`")
+        nulls = {k[5:]: v for k, v in tensors.items() if k.startswith("null/")}
+        return cls(tensors["z_T"], nulls, losses)
+
+    def null_embeds_for(self, images=(0, 1)) -> dict[tuple[int, str], torch.Tensor]:
+        """The pipeline's `null_embeds`: the same region's ∅ in source and target (additions keep the empty prompt)."""
+        return {(i, key): value for i in images for key, value in self.null_embeds.items()}
+
+
+def load_image(path: str | Path, size: tuple[int, int]) -> tuple[Image.Image, str | None]:
+    """Open an image and fit it to the layout's (W, H): centre-crop to the aspect ratio, then resize."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"IMAGE: {path} not found; check the path") from None
+    except Exception:
+        raise InputError(f"IMAGE: {path} is not an image PIL can read; give a PNG or JPEG") from None
+    message = None
+    if image.size != tuple(size):
+        w, h = image.size
+        target = size[0] / size[1]
+        if w / h > target:
+            nw = round(h * target)
+            image = image.crop(((w - nw) // 2, 0, (w - nw) // 2 + nw, h))
+        elif w / h < target:
+            nh = round(w / target)
+            image = image.crop((0, (h - nh) // 2, w, (h - nh) // 2 + nh))
+        message = f"image {w}x{h} centre-cropped and resized to the layout size {size[0]}x{size[1]}"
+        image = image.resize(tuple(size), Image.BICUBIC)
+    return image, message
+
+
+@torch.no_grad()
+def encode_image(pipe, image: Image.Image) -> torch.Tensor:
+    """VAE posterior mean, scaled as the UNet expects."""
+    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = x.to(pipe.device, pipe.dtype)
+    config = pipe.vae.config
+    z = pipe.vae.encode(x).latent_dist.mean
+    return (z - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+
+
+class _SourceSampler:
+    """The source layout's regions, prompts and fused prediction, shared by inversion and null-text steps."""
+
+    def __init__(self, pipe, edit: Edit):
+        self.pipe, self.edit = pipe, edit
+        # the same plans the edit will use for the source (r_total included), so ∅ keys match
+        self.plans = pipe._plan_regions(edit, edit.source(), SOURCE, edit.steps)
+        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device, pipe.dtype)
+        encoded = {p.key: (encoder.encode_parts(p.parts) if p.parts else encoder.encode(p.prompt), encoder.encode(p.negative))
+                   for p in self.plans}
+        flat = encoder.pad_to_same_length([e for pair in encoded.values() for e in pair])
+        self.encoded = {key: (flat[2 * n], flat[2 * n + 1]) for n, key in enumerate(encoded)}
+        self.info = {"unet_calls": 0, "unet_batch_sizes": []}
+        self.state = AttentionState()
+
+    def jobs(self, step: int, nulls: dict[str, torch.Tensor] | None = None):
+        from .pipeline import Job
+
+        out = []
+        for p in self.plans:
+            if step < p.first_step:
+                continue
+            cond, uncond = self.encoded[p.key]
+            if nulls is not None:
+                uncond = dataclasses.replace(uncond, embeds=nulls[p.key])
+            out.append(Job(p.key, SOURCE, p.box, p.layer, cond, uncond, p.mask))
+        return out
+
+    def eps(self, jobs, latent: torch.Tensor, t: int, scale: float) -> list[torch.Tensor]:
+        return self.pipe._predict(jobs, {SOURCE: latent}, t, scale, self.state, {}, 0, self.edit.steps, "linear", self.info)
+
+    def fuse(self, jobs, crops: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        return self.pipe._fuse(jobs, [(c, c) for c in crops], SOURCE, like)[0]
+
+
+def ddim_invert(pipe, edit: Edit, z0: torch.Tensor) -> list[torch.Tensor]:
+    """Deterministic DDIM inversion with the fused multi-region prediction at CFG 1 (§7.1).
+
+    Follows diffusers' DDIMInverseScheduler: at each ascending timestep t, ε̂ = ε(x, t) and x moves from
+    ᾱ_{t−Δ} (or the initial ᾱ) to ᾱ_t. Returns the pivots [z*_0 (clean), …, z*_N (noisiest)].
+    """
+    sampler = _SourceSampler(pipe, edit)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(edit.steps, device="cpu")
+    forward = scheduler.timesteps.tolist()
+    delta = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    initial = torch.tensor(1.0) if scheduler.config.set_alpha_to_one else scheduler.alphas_cumprod[0]
+    pivots = [z0]
+    x = z0
+    with controlled_attention(pipe.unet, sampler.state), torch.no_grad():
+        for n, t in enumerate(reversed(forward)):
+            step = len(forward) - 1 - n  # the forward step index that will undo this one
+            prev_t = min(t - delta, scheduler.config.num_train_timesteps - 1)
+            alpha = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else initial
+            alpha_next = scheduler.alphas_cumprod[t]
+            jobs = sampler.jobs(step)
+            eps = sampler.eps(jobs, x, t, 1.0)
+            crops = [ddim_invert_step(x[j.box.slices], e, alpha, alpha_next) for j, e in zip(jobs, eps)]
+            x = sampler.fuse(jobs, crops, x)
+            pivots.append(x)
+    return pivots
+
+
+def optimise_null_text(pipe, edit: Edit, pivots: list[torch.Tensor], inner_steps: int = 10,
+                       callback=None) -> Inversion:
+    """Per-region null-text optimisation (§7.2): Adam on each active region's ∅_k, lr 1e-2·(1 − k/100), up to
+    `inner_steps` steps, early stop below 1e-5 + 2e-5·k, so the fused CFG step from ẑ_k lands on the pivot."""
+    if pipe.dtype != torch.float32:
+        raise InputError("--dtype: null-text inversion runs in float32 only; pass --dtype float32")
+    from .ddim import alphas_at
+
+    sampler = _SourceSampler(pipe, edit)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(edit.steps, device="cpu")
+    nulls = {key: [] for key in sampler.encoded}
+    current = {key: uncond.embeds.detach().clone() for key, (_, uncond) in sampler.encoded.items()}
+    x = pivots[-1]
+    losses = []
+    with controlled_attention(pipe.unet, sampler.state):
+        for k, t in enumerate(scheduler.timesteps.tolist()):
+            alpha, alpha_prev = alphas_at(scheduler, t)
+            target = pivots[len(pivots) - 2 - k]
+            jobs_keys = [j.key for j in sampler.jobs(k)]
+            params = {key: current[key].clone().requires_grad_(True) for key in jobs_keys}
+            optimiser = torch.optim.Adam(params.values(), lr=1e-2 * (1 - k / 100))
+            threshold = 1e-5 + 2e-5 * k
+            loss_value = float("inf")
+            for _ in range(inner_steps):
+                with torch.enable_grad():
+                    jobs = sampler.jobs(k, {**current, **params})
+                    eps = sampler.eps(jobs, x, t, edit.guidance_scale)
+                    crops = [ddim_step(x[j.box.slices], e, alpha, alpha_prev)[0] for j, e in zip(jobs, eps)]
+                    loss = F.mse_loss(sampler.fuse(jobs, crops, x), target)
+                    loss_value = loss.item()
+                    if loss_value < threshold:
+                        break
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+            for key in jobs_keys:
+                current[key] = params[key].detach()
+            for key in nulls:
+                nulls[key].append(current[key][0].clone())
+            with torch.no_grad():
+                jobs = sampler.jobs(k, current)
+                eps = sampler.eps(jobs, x, t, edit.guidance_scale)
+                crops = [ddim_step(x[j.box.slices], e, alpha, alpha_prev)[0] for j, e in zip(jobs, eps)]
+                x = sampler.fuse(jobs, crops, x)
+                losses.append(F.mse_loss(x, target).item())
+            if callback is not None:
+                callback({"step": k, "loss": losses[-1]})
+    return Inversion(pivots[-1].detach().cpu(), {k: torch.stack(v).cpu() for k, v in nulls.items()}, losses)
+
+
+def invert(pipe, image: Image.Image, edit: Edit, inner_steps: int = 10, callback=None) -> tuple[Inversion, list[float]]:
+    """Encode, invert and optimise null texts; also returns plain DDIM inversion's per-step errors for comparison."""
+    z0 = encode_image(pipe, image)
+    pivots = ddim_invert(pipe, edit, z0)
+    inversion = optimise_null_text(pipe, edit, pivots, inner_steps, callback)
+    return inversion, pivots
+
