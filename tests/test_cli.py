@@ -163,3 +163,9 @@ def test_invert_then_edit_from_inversion(capsys, tmp_path, tiny_model_dir):
     code, _, err = run(capsys, "invert", tmp_path / "edit.json", tmp_path / "edit.json", "-o", tmp_path / "bad",
                        "--model", tiny_model_dir)
     assert code == 2 and "IMAGE" in err
+
+
+@pytest.mark.parametrize("args", [["edit", "a", "b", "c"], ["nosuch"], ["edit", "x.json", "--steps", "many"]])
+def test_usage_errors_exit_2_on_one_line(capsys, args):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err

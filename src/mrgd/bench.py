@@ -349,10 +349,9 @@ def run_bench(pipe, suite_dir: str | Path, out_dir: str | Path, variants: Sequen
     pending = [job for job in jobs if (job[0].name, job[1].name) not in done]
     if distributed:
         state.wait_for_everyone()
-    if is_main:
-        (out_dir / "images").mkdir(parents=True, exist_ok=True)
-        _write_text(out_dir / CONFIG, json.dumps(config, indent=2) + "\n")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    if is_main:
+        _write_text(out_dir / CONFIG, json.dumps(config, indent=2) + "\n")
     if is_main and len(pending) < len(jobs):
         log(f"resuming: {len(jobs) - len(pending)} of {len(jobs)} jobs already done")
 

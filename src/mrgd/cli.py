@@ -1,4 +1,4 @@
-"""The `mrgd` command line: generate, edit, import-webui, train-toy.
+"""The `mrgd` command line: generate, edit, invert, bench, import-webui, train-toy.
 
 Exit codes: 0 done, 2 bad input (one line naming the field and the fix), 1 internal failure. Outputs are written
 to a hidden staging folder and moved into place only when everything succeeded, so an interrupted or failed run
@@ -305,7 +305,8 @@ def bench_cmd(
     bench.check_out_dir(output, bench.bench_config(suite, model or str(DEFAULT_MODEL), parse_dtype(dtype), steps, scorer))
     state = bench.process_state()
     if state.num_processes > 1 and device in (None, "cuda"):
-        device = str(state.device)
+        # one accelerator per process; CPU processes say "cpu" (accelerate's "cpu:0" changes float rounding)
+        device = "cpu" if state.device.type == "cpu" else str(state.device)
     pipe = _load_pipe(model, device or "cpu", dtype, allow_pickle, guidance_model)
     score_model = score_tok = None
     if scorer is not None:
@@ -350,11 +351,9 @@ def main() -> None:
     except typer.Abort:
         _fail("aborted", 1)
     except Exception as err:  # noqa: BLE001 - the last line of defence of a command-line tool
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
+        # usage errors of the CLI library (typer vendors its own click): its one-line message, its exit code 2
+        if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
+            _fail(f"{getattr(err, 'format_message', lambda: str(err))()}; see mrgd --help", err.exit_code)
         if os.environ.get("MRGD_DEBUG"):
             raise
         _fail(f"internal failure: {type(err).__name__}: {err} (set MRGD_DEBUG=1 for the traceback)", 1)

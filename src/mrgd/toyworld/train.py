@@ -37,11 +37,11 @@ class TrainConfig:
     clip_batch: int = 128
     vae_steps: int = 2200
     vae_batch: int = 32
-    unet_steps: int = 8000
+    unet_steps: int = 5500
     unet_batch: int = 32
     unet_crop_fraction: float = 0.4  # share of UNet steps on region-level crops (MultiDiffusion denoises crops)
     cfg_dropout: float = 0.1
-    clipseg_steps: int = 2500
+    clipseg_steps: int = 1200
     clipseg_batch: int = 64
     stages: list[str] = field(default_factory=lambda: ["data", "tokenizer", "clip", "vae", "unet", "clipseg", "assemble"])
     minutes: float | None = None  # pause (resumably) after this much wall time in this invocation
