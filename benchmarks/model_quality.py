@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from mrgd.layout import Edit, Layout
 from mrgd.models import DEFAULT_MODEL, load_pipeline
-from mrgd.toyworld.world import BACKGROUNDS, COLORS, SHAPES, make_object_crop, make_scene, render_background
+from mrgd.toyworld.oracle import box_pixels, read_background, read_colour
+from mrgd.toyworld.world import BACKGROUNDS, COLORS, SHAPES, make_object_crop, make_scene
 
 HELDOUT_SEED = 10_000  # training pools use seeds 0..99
 
@@ -39,29 +40,6 @@ def vae_psnr(pipe, n: int = 64) -> float:
     b = ((rec + 1) * 127.5).round()
     mse = ((a - b) ** 2).mean(dim=(1, 2, 3))
     return float((10 * torch.log10(255**2 / mse)).mean())
-
-
-BG_REFERENCE = {name: render_background(name, 64, np.random.default_rng(0)).reshape(-1, 3).mean(0) * 255 for name in BACKGROUNDS}
-
-
-def read_colour(pixels: np.ndarray) -> str | None:
-    """The world colour most of the box's saturated, non-background pixels are closest to."""
-    palette = np.array(list(COLORS.values()), float)
-    d = np.linalg.norm(pixels[:, None, :] - palette[None], axis=-1)
-    nearest, dist = d.argmin(1), d.min(1)
-    close = dist < 60
-    if close.sum() < 0.05 * len(pixels):
-        return None
-    counts = np.bincount(nearest[close], minlength=len(palette))
-    return list(COLORS)[int(counts.argmax())]
-
-
-def read_background(image: np.ndarray, box_px) -> str:
-    mask = np.ones(image.shape[:2], bool)
-    x0, y0, x1, y1 = box_px
-    mask[y0:y1, x0:x1] = False
-    mean = image[mask].reshape(-1, 3).mean(0)
-    return min(BG_REFERENCE, key=lambda k: np.linalg.norm(BG_REFERENCE[k] - mean))
 
 
 def clip_logits(pipe, crops: list[np.ndarray], texts: list[str]) -> torch.Tensor:
@@ -90,10 +68,10 @@ def text_control(pipe, n: int) -> dict:
             {"id": "bg", "kind": "background", "box": [0, 0, 1, 1], "prompt": str(bg)},
             {"id": "obj", "box": [float(x), float(y), float(side), float(side)], "prompt": f"a {colour} {shape}"}]})
         image = np.asarray(pipe.generate(layout).image)
-        x0, y0, x1, y1 = int(x * 128), int(y * 128), int((x + side) * 128), int((y + side) * 128)
+        x0, y0, x1, y1 = box_pixels((x, y, side, side), (128, 128))
         crop = image[y0:y1, x0:x1]
-        got_colour = read_colour(crop.reshape(-1, 3).astype(float))
-        got_bg = read_background(image, (x0, y0, x1, y1))
+        got_colour = read_colour(crop.reshape(-1, 3))
+        got_bg = read_background(image, [(x0, y0, x1, y1)])
         phrases = [f"a {got_colour or colour} {s}" for s in SHAPES]
         got_shape = SHAPES[int(clip_logits(pipe, [crop], phrases)[0].argmax())]
         right["colour"] += got_colour == colour

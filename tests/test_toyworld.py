@@ -51,3 +51,17 @@ def test_tokenizer_is_rebuilt_identically(tmp_path, tokenizer_dir):
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id == len(tok) - 1
     # every world word is a single token, as in OpenAI CLIP
     assert len(ids) == 2 + len("masterpiece , a purple star on the sea".split())
+
+
+def test_oracle_reads_generated_scenes():
+    from mrgd.toyworld.oracle import box_pixels, read_background, read_colour
+
+    rng = np.random.default_rng(4)
+    right_colour = right_background = 0
+    for _ in range(20):
+        scene = make_scene(rng, n_objects=1)
+        obj = scene.objects[0]
+        x0, y0, x1, y1 = box_pixels(obj.box, (128, 128))
+        right_colour += read_colour(scene.image[y0:y1, x0:x1].reshape(-1, 3)) == obj.color
+        right_background += read_background(scene.image, [(x0, y0, x1, y1)]) == scene.background
+    assert right_colour >= 19 and right_background >= 19
