@@ -65,3 +65,23 @@ def test_oracle_reads_generated_scenes():
         right_colour += read_colour(scene.image[y0:y1, x0:x1].reshape(-1, 3)) == obj.color
         right_background += read_background(scene.image, [(x0, y0, x1, y1)]) == scene.background
     assert right_colour >= 19 and right_background >= 19
+
+
+def test_fold_pixel_range_makes_clip_take_standard_normalisation():
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mrgd.guidance import clip_pixels
+    from mrgd.toyworld.train import fold_pixel_range
+
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                                             num_hidden_layers=2, num_attention_heads=4)).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        before = model(pixel_values=x).pooler_output
+        fold_pixel_range(model.vision_model.embeddings)
+        after = model(pixel_values=clip_pixels(x, 32)).pooler_output
+        unchanged_input = model(pixel_values=x).pooler_output
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not torch.allclose(before, unchanged_input, atol=1e-3)

@@ -369,6 +369,21 @@ def normalize_for_clip(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) / 2 - mean) / std
 
 
+@torch.no_grad()
+def fold_pixel_range(vision_embeddings) -> None:
+    """Make a CLIP vision tower trained on [-1, 1] pixels take standard CLIP-normalised pixels, exactly.
+
+    x_in = 2u − 1 and x_clip = (u − m)/s, so x_in = 2s·x_clip + (2m − 1): scale the patch convolution by 2s per
+    input channel, and add its response to the constant (2m − 1) to every patch position's embedding.
+    """
+    conv = vision_embeddings.patch_embedding
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    constant = (conv.weight.float() * (2 * mean - 1)).sum(dim=(1, 2, 3))  # [hidden]
+    conv.weight.mul_((2 * std).to(conv.weight.dtype))
+    vision_embeddings.position_embedding.weight[1:] += constant.to(vision_embeddings.position_embedding.weight.dtype)
+
+
 def stage_assemble(cfg: TrainConfig, budget: Budget) -> bool:
     """A StableDiffusionPipeline folder plus clip/ and clipseg/, all safetensors."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -390,7 +405,9 @@ def stage_assemble(cfg: TrainConfig, budget: Budget) -> bool:
     for part in (pipe.unet, pipe.text_encoder):
         part.half()
     pipe.save_pretrained(model_dir)
-    CLIPModel.from_pretrained(root / "clip" / "final").half().save_pretrained(model_dir / "clip")
+    clip = CLIPModel.from_pretrained(root / "clip" / "final")
+    fold_pixel_range(clip.vision_model.embeddings)  # the clip stage fed [-1, 1] pixels; ship a standard CLIP
+    clip.half().save_pretrained(model_dir / "clip")
     tok.save_pretrained(model_dir / "clip")
     processor.save_pretrained(model_dir / "clip")
     CLIPSegForImageSegmentation.from_pretrained(root / "clipseg" / "final").half().save_pretrained(model_dir / "clipseg")
