@@ -80,7 +80,7 @@ def test_fold_pixel_range_makes_clip_take_standard_normalisation():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         before = model(pixel_values=x).pooler_output
-        fold_pixel_range(model.vision_model.embeddings)
+        fold_pixel_range(model.embeddings)
         after = model(pixel_values=clip_pixels(x, 32)).pooler_output
         unchanged_input = model(pixel_values=x).pooler_output
     assert torch.allclose(before, after, atol=1e-5)
