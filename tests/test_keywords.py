@@ -89,3 +89,15 @@ def test_keywords_to_words_merges_sub_words():
     assert keywords_to_words(encoded, selected) == [{"word": "zebra", "entropy": 0.5}, {"word": "red", "entropy": 0.7}]
     with pytest.raises(ValueError):
         keywords_to_words(encoded, [(0, 0.1)])  # BOS is no word
+
+
+def test_punctuation_is_never_a_candidate(tokenizer_dir):
+    from conftest import make_tiny_components
+    from mrgd.keywords import word_positions
+    from mrgd.prompts import PromptEncoder, positions_of
+
+    parts = make_tiny_components(tokenizer_dir)
+    encoder = PromptEncoder(parts["tokenizer"], parts["text_encoder"])
+    encoded = encoder.encode_parts([(None, "best quality"), ("ball", "masterpiece, a red circle, 8k")])
+    words = [encoded.tokens[p].replace("</w>", "") for p in word_positions(encoded, positions_of(encoded, "ball"))]
+    assert words == ["masterpiece", "a", "red", "circle", "8", "k"]

@@ -99,6 +99,11 @@ def keywords_to_words(encoded: EncodedPrompt, selected: list[tuple[int, float]])
     return [{"word": w, "entropy": h} for w, h in sorted(best.items(), key=lambda item: item[1])]
 
 
+def word_positions(encoded: EncodedPrompt, positions: list[int]) -> list[int]:
+    """The positions whose token carries a letter or digit: commas and other punctuation are never keywords (§4)."""
+    return [p for p in positions if any(ch.isalnum() for ch in encoded.tokens[p].replace("</w>", ""))]
+
+
 class KeywordTracker:
     """Keyword selection during sampling (method.md §4): collect r_total's maps, select at the chosen steps.
 

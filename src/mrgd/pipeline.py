@@ -23,7 +23,7 @@ from . import fusion
 from .attention import AttentionState, Follow, attention_levels, controlled_attention, cross_alpha, refine_mapping, self_replace_active
 from .ddim import alphas_at, ddim_step, to_epsilon
 from .guidance import Segmenter
-from .keywords import KeywordTracker
+from .keywords import KeywordTracker, word_positions
 from .errors import InputError
 from .layout import Edit, Layout, LayoutRegion, Settings
 from .prompts import EncodedPrompt, PromptEncoder
@@ -343,8 +343,8 @@ class MRGDPipeline:
         from .prompts import positions_of
 
         total_prompts = {i: encoded[(i, TOTAL)][0] for i in totals}
-        candidates = {i: {r.id: positions_of(total_prompts[i], r.id) for r in (edit.source(), edit.target())[i].regions}
-                      for i in totals}
+        candidates = {i: {r.id: word_positions(total_prompts[i], positions_of(total_prompts[i], r.id))
+                          for r in (edit.source(), edit.target())[i].regions} for i in totals}
         return KeywordTracker(level, hw, select_at, settings.keywords, total_prompts, candidates)
 
     def _use_keywords(self, tracker, guide, state: AttentionState, settings: Settings, info) -> None:
