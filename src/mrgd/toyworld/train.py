@@ -41,7 +41,7 @@ class TrainConfig:
     unet_batch: int = 32
     unet_crop_fraction: float = 0.4  # share of UNet steps on region-level crops (MultiDiffusion denoises crops)
     cfg_dropout: float = 0.1
-    clipseg_steps: int = 1200
+    clipseg_steps: int = 1500
     clipseg_batch: int = 64
     stages: list[str] = field(default_factory=lambda: ["data", "tokenizer", "clip", "vae", "unet", "clipseg", "assemble"])
     minutes: float | None = None  # pause (resumably) after this much wall time in this invocation
@@ -339,9 +339,15 @@ def stage_clipseg(cfg: TrainConfig, budget: Budget) -> bool:
     model = make_clipseg(len(tok), tok.bos_token_id, tok.eos_token_id)
     clip = CLIPModel.from_pretrained(Path(cfg.out) / "clip" / "final")
     model.clip.load_state_dict(clip.state_dict())
-    backbone = list(model.clip.parameters())
+    # The clip stage fed [-1, 1] pixels; fold that in so the segmenter takes CLIP-normalised pixels like any CLIPSeg.
+    fold_pixel_range(model.clip.vision_model.embeddings)
+    # CLIPSeg runs its CLIP under no_grad: only the decoder learns. Start its logits at the mask prior (about 12% of
+    # pixels) instead of at random: with the default init the loss sat at the prior for hundreds of steps.
+    head = model.decoder.transposed_convolution
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.constant_(head.bias, -2.0)
     decoder = [p for n, p in model.named_parameters() if not n.startswith("clip.")]
-    opt = torch.optim.AdamW([{"params": decoder, "lr_scale": 1.0}, {"params": backbone, "lr_scale": 0.1}], lr=1e-3)
+    opt = torch.optim.AdamW(decoder, lr=1e-3)
 
     def step_fn(rng, step):
         idx = rng.integers(0, len(scenes.images), cfg.clipseg_batch)
