@@ -160,6 +160,9 @@ def test_invert_then_edit_from_inversion(capsys, tmp_path, tiny_model_dir):
     a = Image.open(tmp_path / "inv" / "reconstruction.png")
     b = Image.open(tmp_path / "again" / "source.png")
     assert np.array_equal(np.asarray(a), np.asarray(b))  # one inversion, many edits, same reconstruction
+    code, _, err = run(capsys, "edit", tmp_path / "edit.json", "-o", tmp_path / "mismatch", "--model", tiny_model_dir,
+                       "--from-inversion", tmp_path / "inv" / "inversion.safetensors", "--steps", "5")
+    assert code == 2 and "--steps 3" in err and not (tmp_path / "mismatch").exists()
     code, _, err = run(capsys, "invert", tmp_path / "edit.json", tmp_path / "edit.json", "-o", tmp_path / "bad",
                        "--model", tiny_model_dir)
     assert code == 2 and "IMAGE" in err

@@ -46,3 +46,38 @@ def test_down_block_cross_attention_picks_top_half_of_pixels_by_keyword_logits()
     state2 = AttentionState(kssa_rows=[0], kssa_tokens={0: torch.tensor([2, 3])}, kssa_levels=frozenset({1}))
     ControlledAttnProcessor(state2, "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", 1, True)(cross, x, ctx)
     assert not state2._kssa_pixels
+
+
+def test_kssa_lands_in_down_blocks_and_only_falls_back_to_the_decoder_with_one_layer_per_block():
+    from mrgd.attention import _kssa_target
+
+    def names(layers):
+        out = []
+        for level in range(2):
+            for i in range(layers):
+                out += [f"down_blocks.{level}.attentions.{i}.transformer_blocks.0.attn{a}.processor" for a in (1, 2)]
+        out += [f"up_blocks.{3 - level}.attentions.0.transformer_blocks.0.attn1.processor" for level in range(2)]
+        return out
+
+    sd_like, ours = names(2), names(1)
+    assert _kssa_target("down_blocks.0.attentions.1.transformer_blocks.0.attn1.processor", sd_like, 4)
+    assert not _kssa_target("up_blocks.3.attentions.0.transformer_blocks.0.attn1.processor", sd_like, 4)
+    assert _kssa_target("up_blocks.3.attentions.0.transformer_blocks.0.attn1.processor", ours, 4)
+    assert not _kssa_target("down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor", ours, 4)
+
+
+def test_kssa_never_changes_the_source(tiny_pipe):
+    import copy
+
+    from conftest import THREE_REGION_EDIT
+    from mrgd.layout import Edit
+
+    data = copy.deepcopy(THREE_REGION_EDIT)
+    data["steps"] = 12
+
+    def run(**mrgd):
+        return tiny_pipe.edit(Edit.from_dict({**data, "mrgd": {"method": "mrgd", "guidance": False, **mrgd}}))
+
+    with_kssa, without = run(keywords=2, kssa=True), run(keywords=2, kssa=False)
+    assert torch.allclose(with_kssa.latents["source"], without.latents["source"], atol=1e-4)
+    assert (with_kssa.latents["target"] - without.latents["target"]).abs().max() > 1e-3

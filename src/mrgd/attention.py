@@ -109,9 +109,10 @@ def attention_levels(unet) -> list[int]:
 class ControlledAttnProcessor:
     """diffusers' SDPA attention, plus per-row cross/self-attention replacement, recording and KSSA."""
 
-    def __init__(self, state: AttentionState, name: str, level: int, is_cross: bool):
+    def __init__(self, state: AttentionState, name: str, level: int, is_cross: bool, kssa_target: bool = True):
         self.state, self.name, self.level, self.is_cross = state, name, level, is_cross
         self.in_down = name.startswith("down_blocks")
+        self.kssa_target = kssa_target  # may this self-attention layer receive KSSA (§5)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         residual = hidden_states
@@ -204,7 +205,7 @@ class ControlledAttnProcessor:
         state = self.state
         # the next self-attention at this resolution: in SD the next down-block layer; with one layer per block
         # the decoder's layer at the same resolution
-        pixels = state._kssa_pixels.pop(self.level, None)
+        pixels = state._kssa_pixels.pop(self.level, None) if self.kssa_target else None
         if pixels is None or pixels.shape[-1] != key.shape[-2]:
             return key
         factor = torch.ones(key.shape[0], 1, key.shape[2], 1, dtype=key.dtype, device=key.device)
@@ -213,13 +214,28 @@ class ControlledAttnProcessor:
         return key * factor
 
 
+def _kssa_target(name: str, names, num_blocks: int) -> bool:
+    """KSSA lands on the next self-attention of the same resolution in the down blocks (§5). A down block with a
+    single attention layer has no next one there, so its resolution's decoder layer takes it instead."""
+    if name.endswith("attn2.processor"):
+        return False
+    if name.startswith("down_blocks"):
+        return True
+    if not name.startswith("up_blocks"):
+        return False
+    level = layer_level(name, num_blocks)
+    down = [n for n in names if n.startswith(f"down_blocks.{level}.") and n.endswith("attn1.processor")]
+    return len(down) == 1
+
+
 @contextmanager
 def controlled_attention(unet, state: AttentionState) -> Iterator[AttentionState]:
     """Install controlled processors on every attention layer for the duration of a run, then restore."""
     original = unet.attn_processors
     n = len(unet.config.block_out_channels)
     processors = {
-        name: ControlledAttnProcessor(state, name, layer_level(name, n), name.endswith("attn2.processor"))
+        name: ControlledAttnProcessor(state, name, layer_level(name, n), name.endswith("attn2.processor"),
+                                      _kssa_target(name, original, n))
         for name in original
     }
     unet.set_attn_processor(processors)

@@ -164,6 +164,7 @@ def edit(
             from .inversion import Inversion
 
             inversion = Inversion.load(from_inversion)
+            inversion.check(the_edit)
             start = {"start_latents": inversion.z_T, "null_embeds": inversion.null_embeds_for()}
         result = pipe.edit(the_edit, callback=callback, **start)
         bar.close()
@@ -172,9 +173,9 @@ def edit(
         save_png(result.target, stage / "target.png", config, pipe.name, "target")
         save_png(edit_grid(result.source, result.target, the_edit), stage / "grid.png", config, pipe.name, "target")
         the_edit.save(stage / "edit.json")
-        _write_info(stage, result.info, {"wall_seconds": round(time.perf_counter() - t0, 3)})
         if explain:
             _write_explain(stage, result, the_edit)
+        _write_info(stage, result.info, {"wall_seconds": round(time.perf_counter() - t0, 3)})
     for note in result.info.get("notes", []):
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"wrote {output}/source.png, target.png, grid.png, edit.json, info.json "

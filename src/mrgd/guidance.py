@@ -105,9 +105,9 @@ def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
 class Segmenter:
     """Φ: CLIPSeg maps M = sigmoid(logits) of text queries on images, resized to a target resolution."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, size: int | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.size = model.config.vision_config.image_size
+        self.size = size or model.config.vision_config.image_size
         self._ids: dict[str, torch.Tensor] = {}
 
     def _input_ids(self, texts: list[str]) -> torch.Tensor:
@@ -192,7 +192,7 @@ class Guide:
         w = self.weights(step)
         images = {i: decode(x0[i]) for i in (SOURCE, TARGET)}
         maps = {i: self.segmenter(images[i], self.texts(i), self.hw) for i in (SOURCE, TARGET)}
-        self.last_maps = {i: m.detach() for i, m in maps.items()}
+        self.last_maps = {i: m.detach().cpu() for i, m in maps.items()}
         rs = sum(region_specific_loss(maps[i], self._box_masks(i).to(maps[i])) for i in (SOURCE, TARGET))
         index = {i: [key for key, _ in self.regions[i]] for i in (SOURCE, TARGET)}
         pick = {i: [index[i].index(key) for key in self.common] for i in (SOURCE, TARGET)}
@@ -215,6 +215,9 @@ class Guide:
             grads = torch.autograd.grad(loss, [x0[i] for i in guided])
         info.setdefault("guidance_losses", []).append({"step": step, **parts})
         out = dict(fused)
+        if not all(torch.isfinite(g).all() for g in grads):
+            info.setdefault("notes", []).append(f"step {step}: guidance gradient not finite; step left unguided")
+            return out
         for i, grad in zip(guided, grads):
             x_prev, x0_new = ddim_restep(latents_t[i].float(), x0[i].detach(), grad, alpha, alpha_prev)
             out[i] = (x_prev.to(fused[i][0].dtype), x0_new.to(fused[i][1].dtype))

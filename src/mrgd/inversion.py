@@ -35,13 +35,30 @@ class Inversion:
     z_T: torch.Tensor  # [1, C, h, w]
     null_embeds: dict[str, torch.Tensor]  # region key -> [steps, L, D]
     losses: list[float]  # final null-text loss per step
+    size: tuple[int, int] | None = None  # the edit's (W, H) it was inverted for
+
+    @property
+    def steps(self) -> int:
+        return next(iter(self.null_embeds.values())).shape[0] if self.null_embeds else 0
+
+    def check(self, edit: Edit) -> None:
+        """Refuse an edit this inversion cannot serve: another size or another number of steps."""
+        if self.size is not None and tuple(edit.size) != tuple(self.size):
+            raise InputError(f"--from-inversion: inverted at size {list(self.size)}, the edit has size "
+                             f"{list(edit.size)}; use the same size or invert again")
+        if self.steps != edit.steps:
+            raise InputError(f"--from-inversion: inverted with {self.steps} steps, the edit has {edit.steps}; "
+                             f"pass --steps {self.steps} or invert again")
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
         tensors = {"z_T": self.z_T.contiguous()}
         tensors.update({f"null/{k}": v.contiguous() for k, v in self.null_embeds.items()})
-        save_file(tensors, str(path), metadata={"losses": ",".join(f"{x:.3e}" for x in self.losses)})
+        metadata = {"losses": ",".join(f"{x:.3e}" for x in self.losses)}
+        if self.size is not None:
+            metadata["size"] = f"{self.size[0]}x{self.size[1]}"
+        save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> Inversion:
@@ -50,14 +67,16 @@ class Inversion:
         try:
             with safe_open(str(path), "pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-                losses = [float(x) for x in (f.metadata() or {}).get("losses", "").split(",") if x]
+                metadata = f.metadata() or {}
+                losses = [float(x) for x in metadata.get("losses", "").split(",") if x]
+                size = tuple(int(v) for v in metadata["size"].split("x")) if "size" in metadata else None
         except Exception as err:  # corrupt or foreign file
             raise InputError(f"--from-inversion: cannot read {path} ({type(err).__name__}); "
                              "give an inversion.safetensors written by `mrgd invert`") from None
         if "z_T" not in tensors:
             raise InputError(f"--from-inversion: {path} has no z_T; give a file written by `mrgd invert`")
         nulls = {k[5:]: v for k, v in tensors.items() if k.startswith("null/")}
-        return cls(tensors["z_T"], nulls, losses)
+        return cls(tensors["z_T"], nulls, losses, size)
 
     def null_embeds_for(self, images=(0, 1)) -> dict[tuple[int, str], torch.Tensor]:
         """The pipeline's `null_embeds`: the same region's ∅ in source and target (additions keep the empty prompt)."""
@@ -105,11 +124,14 @@ class _SourceSampler:
         self.pipe, self.edit = pipe, edit
         # the same plans the edit will use for the source (r_total included), so ∅ keys match
         self.plans = pipe._plan_regions(edit, edit.source(), SOURCE, edit.steps)
+        target_plans = pipe._plan_regions(edit, edit.target(), 1, edit.steps)
         encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device, pipe.dtype)
-        encoded = {p.key: (encoder.encode_parts(p.parts) if p.parts else encoder.encode(p.prompt), encoder.encode(p.negative))
-                   for p in self.plans}
+        # pad over both images' prompts, as the edit does, so the null embeddings have the edit's length
+        encoded = {(i, p.key): (encoder.encode_parts(p.parts) if p.parts else encoder.encode(p.prompt),
+                                encoder.encode(p.negative)) for i, plans in ((0, self.plans), (1, target_plans))
+                   for p in plans}
         flat = encoder.pad_to_same_length([e for pair in encoded.values() for e in pair])
-        self.encoded = {key: (flat[2 * n], flat[2 * n + 1]) for n, key in enumerate(encoded)}
+        self.encoded = {key: (flat[2 * n], flat[2 * n + 1]) for n, (i, key) in enumerate(encoded) if i == SOURCE}
         self.info = {"unet_calls": 0, "unet_batch_sizes": []}
         self.state = AttentionState()
 
@@ -209,11 +231,14 @@ def optimise_null_text(pipe, edit: Edit, pivots: list[torch.Tensor], inner_steps
                 losses.append(F.mse_loss(x, target).item())
             if callback is not None:
                 callback({"step": k, "loss": losses[-1]})
-    return Inversion(pivots[-1].detach().cpu(), {k: torch.stack(v).cpu() for k, v in nulls.items()}, losses)
+    return Inversion(pivots[-1].detach().cpu(), {k: torch.stack(v).cpu() for k, v in nulls.items()}, losses,
+                     tuple(edit.size))
 
 
 def invert(pipe, image: Image.Image, edit: Edit, inner_steps: int = 10, callback=None) -> tuple[Inversion, list[float]]:
     """Encode, invert and optimise null texts; also returns plain DDIM inversion's per-step errors for comparison."""
+    if pipe.dtype != torch.float32:
+        raise InputError("--dtype: null-text inversion runs in float32 only; pass --dtype float32")
     z0 = encode_image(pipe, image)
     pivots = ddim_invert(pipe, edit, z0)
     inversion = optimise_null_text(pipe, edit, pivots, inner_steps, callback)

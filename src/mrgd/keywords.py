@@ -156,5 +156,5 @@ class KeywordTracker:
                 word, positions = spans[p]
                 if word not in seen:
                     seen.add(word)
-                    out.setdefault(rid, []).append((word, maps[positions].mean(0)))
+                    out.setdefault(rid, []).append((word, maps[positions].mean(0).cpu()))
         return out

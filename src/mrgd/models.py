@@ -72,8 +72,24 @@ def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dt
                              "give a local diffusers folder, a .safetensors file or a reachable hub id") from None
     scheduler = DDIMScheduler.from_config(sd.scheduler.config)
     guidance, guidance_tok, scorer, scorer_tok = _auxiliary(local, guidance_model, dtype)
-    return MRGDPipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, scheduler, guidance, guidance_tok,
+    pipe = MRGDPipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, scheduler, guidance, guidance_tok,
                         scorer, scorer_tok, device=device, dtype=dtype, name=str(path))
+    if guidance is not None:
+        pipe.guidance_size = _processor_size(Path(guidance_model) if guidance_model else local / "clipseg")
+    return pipe
+
+
+def _processor_size(folder: Path) -> int | None:
+    """The input size an image processor feeds its model (CLIPSeg rd64: 352, above its config's 224)."""
+    try:
+        from transformers import AutoImageProcessor
+
+        size = AutoImageProcessor.from_pretrained(str(folder)).size
+    except Exception:  # no processor saved: fall back to the vision config's size
+        return None
+    if isinstance(size, dict):
+        return size.get("height") or size.get("shortest_edge")
+    return size if isinstance(size, int) else None
 
 
 def _auxiliary(folder: Path, guidance_model: str | None, dtype: torch.dtype):

@@ -90,9 +90,14 @@ class MRGDPipeline:
         self.guidance_model, self.guidance_tokenizer = guidance_model, guidance_tokenizer
         self.scorer, self.scorer_tokenizer = scorer, scorer_tokenizer
         self.device, self.dtype, self.name = torch.device(device), dtype, name
-        for module in (unet, vae, text_encoder, guidance_model, scorer):
+        for module in (unet, vae, text_encoder):
+            module.to(self.device, self.dtype).eval().requires_grad_(False)
+        # The guidance model takes gradients with λ's in the thousands: fp16 would overflow. Keep it, and the
+        # scorer, in fp32.
+        for module in (guidance_model, scorer):
             if module is not None:
-                module.to(self.device, self.dtype).eval().requires_grad_(False)
+                module.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.guidance_size: int | None = None  # Φ's input size, when its processor says (352 for CLIPSeg rd64)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -269,7 +274,8 @@ class MRGDPipeline:
             return None
         from .guidance import Guide
 
-        return Guide.for_edit(edit, plans, Segmenter(self.guidance_model, self.guidance_tokenizer), self.latent_factor)
+        segmenter = Segmenter(self.guidance_model, self.guidance_tokenizer, self.guidance_size)
+        return Guide.for_edit(edit, plans, segmenter, self.latent_factor)
 
     def _job(self, image: int, plan: RegionPlan, encoded, null_embeds, step: int) -> Job:
         cond, uncond = encoded[(image, plan.key)]
@@ -323,6 +329,8 @@ class MRGDPipeline:
         tracker.row_images = [image for _, image in totals]
         if state.kssa_levels:
             for row, image in totals:
+                if image != TARGET:
+                    continue  # control never changes the source (§3), KSSA included
                 positions = tracker.positions(image)
                 if positions:
                     state.kssa_rows.append(row)
