@@ -37,7 +37,7 @@ class TrainConfig:
     clip_batch: int = 128
     vae_steps: int = 2200
     vae_batch: int = 32
-    unet_steps: int = 5500
+    unet_steps: int = 4600
     unet_batch: int = 32
     unet_crop_fraction: float = 0.4  # share of UNet steps on region-level crops (MultiDiffusion denoises crops)
     cfg_dropout: float = 0.1
