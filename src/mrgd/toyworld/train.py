@@ -9,6 +9,7 @@ budget only decides when to pause. Seeds are fixed per stage.
 from __future__ import annotations
 
 import copy
+import shutil
 import zlib
 import json
 import math
@@ -419,6 +420,9 @@ def stage_assemble(cfg: TrainConfig, budget: Budget) -> bool:
     CLIPSegForImageSegmentation.from_pretrained(root / "clipseg" / "final").half().save_pretrained(model_dir / "clipseg")
     tok.save_pretrained(model_dir / "clipseg")
     processor.save_pretrained(model_dir / "clipseg")
+    for folder in ("tokenizer", "clip", "clipseg"):  # keep the readable BPE files beside tokenizer.json
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(root / "tokenizer" / name, model_dir / folder / name)
     (model_dir / "shapes_world.json").write_text(json.dumps({"native_size": IMAGE_SIZE, "train_config": asdict(cfg)}, indent=2))
     return True
 
