@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/keywords")
+    parser.add_argument("--entropy", default="histogram", choices=["histogram", "spatial"],
+                        help="method.md §4's histogram entropy, or entropy over pixels")
     args = parser.parse_args()
     pipe = load_pipeline(args.model)
     roles = Roles(pipe.tokenizer)
@@ -108,6 +110,7 @@ def main() -> None:
     examples, n_k, missing, t0 = [], [], 0, time.perf_counter()
     for i in range(args.n):
         edit = make_edit(rng, TASKS[i % len(TASKS)], args.steps)
+        edit.mrgd.keyword_entropy = args.entropy
         n_k.append(edit.mrgd.keywords)
         chosen = pipe.edit(edit).info.get("keywords")
         missing += chosen is None
@@ -138,7 +141,7 @@ def main() -> None:
     picks = sum(total.values())
     report = {
         "model": args.model, "edits": args.n, "steps": args.steps, "seed": args.seed, "size": [128, 128],
-        "settings": {"method": "mrgd", "guidance": False, "kssa": True, "keywords": "max right words of any region",
+        "settings": {"method": "mrgd", "guidance": False, "kssa": True, "keyword_entropy": args.entropy, "keywords": "max right words of any region",
                      "keywords_used": dict(Counter(n_k))},
         "edits_without_keywords": missing, "selected_words": picks, "roles": dict(total),
         "precision": precision(total), "precision_per_image": {k: precision(v) for k, v in counts.items()},

@@ -101,3 +101,17 @@ def test_punctuation_is_never_a_candidate(tokenizer_dir):
     encoded = encoder.encode_parts([(None, "best quality"), ("ball", "masterpiece, a red circle, 8k")])
     words = [encoded.tokens[p].replace("</w>", "") for p in word_positions(encoded, positions_of(encoded, "ball"))]
     assert words == ["masterpiece", "a", "red", "circle", "8", "k"]
+
+
+def test_spatial_entropy_ranks_focused_maps_first():
+    import torch
+
+    from mrgd.keywords import select_keywords, spatial_entropy
+
+    flat = torch.ones(64)
+    focused = torch.zeros(64)
+    focused[:4] = 1
+    h = spatial_entropy(torch.stack([flat, focused, torch.zeros(64)]))
+    assert h[0].item() == pytest.approx(6.0) and h[1].item() == pytest.approx(2.0) and h[2].item() == float("inf")
+    chosen = select_keywords(torch.stack([flat, focused]), {"r": [0, 1]}, 1, entropy="spatial")
+    assert chosen["r"][0][0] == 1

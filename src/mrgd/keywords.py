@@ -32,7 +32,25 @@ def map_entropy(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(peak[..., 0] > 0, entropy, torch.inf).float()
 
 
-def select_keywords(maps: torch.Tensor, candidates: dict[str, list[int]], k: int) -> dict[str, list[tuple[int, float]]]:
+def spatial_entropy(maps: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of each map read as a distribution over pixels, p(j) = A(j) / Σ A; `[..., P]` -> `[...]`.
+
+    Our option beside §4's histogram entropy: a focused map (an object) scores low, a flat map (a word the model
+    ignores) scores the most, log2 P. The histogram entropy instead scores a flat map 0 bits, which picks ignored
+    quality words in a model that learnt to ignore them (measured: benchmarks/results/keywords.md).
+    """
+    maps = torch.nan_to_num(maps.detach().float(), nan=0.0).clamp_min(0)
+    total = maps.sum(dim=-1, keepdim=True)
+    p = (maps / total.clamp_min(torch.finfo(maps.dtype).tiny)).double()
+    entropy = -torch.special.xlogy(p, p).sum(-1) / math.log(2)
+    return torch.where(total[..., 0] > 0, entropy, torch.inf).float()
+
+
+ENTROPIES = {"histogram": map_entropy, "spatial": spatial_entropy}
+
+
+def select_keywords(maps: torch.Tensor, candidates: dict[str, list[int]], k: int,
+                    entropy: str = "histogram") -> dict[str, list[tuple[int, float]]]:
     """Per region, the k candidate positions with the lowest map entropy, lowest first (method.md §4, N_k = 15).
 
     `maps[T, P]` are r_total's averaged maps per token position; `candidates` maps a region id to the positions of
@@ -41,7 +59,7 @@ def select_keywords(maps: torch.Tensor, candidates: dict[str, list[int]], k: int
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    entropy = map_entropy(maps).tolist()
+    entropy = ENTROPIES[entropy](maps).tolist()
     selected = {}
     for region, positions in candidates.items():
         outside = [p for p in positions if not 0 <= p < len(entropy)]
@@ -112,8 +130,9 @@ class KeywordTracker:
     """
 
     def __init__(self, level: int, hw: tuple[int, int], select_at: list[int], k: int,
-                 totals: dict[int, EncodedPrompt], candidates: dict[int, dict[str, list[int]]]):
-        self.level, self.hw, self.select_at, self.k = level, hw, set(select_at), k
+                 totals: dict[int, EncodedPrompt], candidates: dict[int, dict[str, list[int]]],
+                 entropy: str = "histogram"):
+        self.level, self.hw, self.select_at, self.k, self.entropy = level, hw, set(select_at), k, entropy
         self.totals, self.candidates = totals, candidates
         self.accumulators = {image: MapAccumulator() for image in totals}
         self.selected: dict[int, dict[str, list[tuple[int, float]]]] = {}
@@ -132,7 +151,7 @@ class KeywordTracker:
             return False
         for image, acc in self.accumulators.items():
             if acc.count:
-                self.selected[image] = select_keywords(acc.maps(), self.candidates[image], self.k)
+                self.selected[image] = select_keywords(acc.maps(), self.candidates[image], self.k, self.entropy)
         return bool(self.selected)
 
     def positions(self, image: int) -> list[int]:

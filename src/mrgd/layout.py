@@ -128,6 +128,7 @@ class Settings(_Model):
     kssa: bool = True  # keyword-selected self-attention (§5)
     kssa_scale: float = Field(1.5, gt=0)  # logit scale of the selected key columns
     keyword_steps: tuple[Annotated[int, Field(ge=1)], ...] = (10, 5)  # select keywords at steps k = N-10, N-5
+    keyword_entropy: Literal["histogram", "spatial"] = "histogram"  # §4's histogram, or over pixels (ours)
     guidance: bool = True  # multi-region guidance (§6)
     lambda_rs: float = Field(1000.0, ge=0)  # weight of L_RS, region segmentation
     lambda_is: float = Field(2000.0, ge=0)  # weight of L_IS, InfoNCE between source and target maps

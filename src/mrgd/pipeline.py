@@ -353,7 +353,7 @@ class MRGDPipeline:
         total_prompts = {i: encoded[(i, TOTAL)][0] for i in totals}
         candidates = {i: {r.id: word_positions(total_prompts[i], positions_of(total_prompts[i], r.id))
                           for r in (edit.source(), edit.target())[i].regions} for i in totals}
-        return KeywordTracker(level, hw, select_at, settings.keywords, total_prompts, candidates)
+        return KeywordTracker(level, hw, select_at, settings.keywords, total_prompts, candidates, settings.keyword_entropy)
 
     def _use_keywords(self, tracker, guide, state: AttentionState, settings: Settings, info) -> None:
         """After a selection: keywords become Φ's queries and, with KSSA on, drive r_total's self-attention."""
