@@ -100,3 +100,20 @@ def tiny_guided_pipe(tiny_components):
     seg = make_tiny_clipseg(tiny_components["tokenizer"])
     return MRGDPipeline(**tiny_components, guidance_model=seg, guidance_tokenizer=tiny_components["tokenizer"],
                         name="tiny")
+
+
+def run_cli(capsys, *args):
+    """Run the `mrgd` entry point in-process: (exit code, stdout, stderr)."""
+    import sys
+
+    from mrgd.cli import main
+
+    argv = sys.argv
+    sys.argv = ["mrgd", *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err

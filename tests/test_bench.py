@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mrgd import bench
-from mrgd.cli import main
+from conftest import run_cli
 from mrgd.errors import InputError
 
 GROUND = {"id": "ground", "kind": "background", "box": [0, 0, 1, 1]}
@@ -75,18 +75,6 @@ def tiny_clip_dir(tmp_path_factory, tokenizer_dir):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def run_cli(capsys, *args):
-    argv = sys.argv
-    sys.argv = ["mrgd", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main()
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def count_edits(monkeypatch, pipe) -> list:

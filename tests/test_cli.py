@@ -1,26 +1,13 @@
 """The command line end to end on the tiny model: outputs, metadata, determinism, bad input."""
 
 import json
-import sys
 
 import pytest
 from PIL import Image
 
 from conftest import THREE_REGION_EDIT
-from mrgd.cli import main
+from conftest import run_cli as run
 from mrgd.render import read_png_config
-
-
-def run(capsys, *args):
-    argv = sys.argv
-    sys.argv = ["mrgd", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main()
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 @pytest.fixture()

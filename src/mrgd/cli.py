@@ -354,7 +354,8 @@ def main() -> None:
     except Exception as err:  # noqa: BLE001 - the last line of defence of a command-line tool
         # usage errors of the CLI library (typer vendors its own click): its one-line message, its exit code 2
         if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
-            _fail(f"{getattr(err, 'format_message', lambda: str(err))()}; see mrgd --help", err.exit_code)
+            message = err.format_message() if hasattr(err, "format_message") else str(err)
+            _fail(f"{message}; see mrgd --help", err.exit_code)
         if os.environ.get("MRGD_DEBUG"):
             raise
         _fail(f"internal failure: {type(err).__name__}: {err} (set MRGD_DEBUG=1 for the traceback)", 1)
