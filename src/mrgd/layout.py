@@ -130,8 +130,10 @@ class Settings(_Model):
     keyword_steps: tuple[Annotated[int, Field(ge=1)], ...] = (10, 5)  # select keywords at steps k = N-10, N-5
     keyword_entropy: Literal["histogram", "spatial"] = "histogram"  # §4's histogram, or over pixels (ours)
     guidance: bool = True  # multi-region guidance (§6)
-    lambda_rs: float = Field(1000.0, ge=0)  # weight of L_RS, region segmentation
-    lambda_is: float = Field(2000.0, ge=0)  # weight of L_IS, InfoNCE between source and target maps
+    # Re-tuned for our gradient (w.r.t. x̂0, Φ differentiable): the research code's 1000 / 2000 for L_RS / L_IS
+    # wrecked pictures on shapes-v1; see benchmarks/results/guidance_tuning_rs_is.md.
+    lambda_rs: float = Field(3.0, ge=0)  # weight of L_RS, region segmentation
+    lambda_is: float = Field(6.0, ge=0)  # weight of L_IS, InfoNCE between source and target maps
     lambda_ip: float = Field(300.0, ge=0)  # weight of L_IP, inherent preservation (halved in the second half)
     guidance_every: int = Field(1, ge=1)  # guide every k-th step only (the cheaper mode)
     add_in_source: bool = False  # also write added boxes into the source, global prompt only (§2)
