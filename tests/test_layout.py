@@ -144,7 +144,7 @@ def test_to_dict_is_resolved():
     assert all("target_prompt" in r and "feather" in r for r in regions.values())
     assert regions["ground"]["target_prompt"] == "green grass"
     assert regions["rock"]["target_prompt"] is None and regions["toy"]["prompt"] is None
-    assert resolved["mrgd"] == Settings().model_dump(mode="json")
+    assert resolved["mrgd"] == Settings(**EXAMPLE["mrgd"]).model_dump(mode="json")  # every default filled in
     assert resolved["mrgd"]["cross_replace"]["modified"] == 0.6
 
 
