@@ -127,11 +127,10 @@ class _SourceSampler:
         target_plans = pipe._plan_regions(edit, edit.target(), 1, edit.steps)
         encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device, pipe.dtype)
         # pad over both images' prompts, as the edit does, so the null embeddings have the edit's length
-        encoded = {(i, p.key): (encoder.encode_parts(p.parts) if p.parts else encoder.encode(p.prompt),
-                                encoder.encode(p.negative)) for i, plans in ((0, self.plans), (1, target_plans))
-                   for p in plans}
-        flat = encoder.pad_to_same_length([e for pair in encoded.values() for e in pair])
-        self.encoded = {key: (flat[2 * n], flat[2 * n + 1]) for n, (i, key) in enumerate(encoded) if i == SOURCE}
+        from .pipeline import encode_plans
+
+        encoded = encode_plans(encoder, {SOURCE: self.plans, 1: target_plans})
+        self.encoded = {key: pair for (i, key), pair in encoded.items() if i == SOURCE}
         self.info = {"unet_calls": 0, "unet_batch_sizes": []}
         self.state = AttentionState()
 

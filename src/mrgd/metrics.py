@@ -15,11 +15,10 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from .layout import Edit, Layout
+from .guidance import CLIP_MEAN, CLIP_STD
 
 Box = Sequence[float]
 EDITED_ROLES = ("added", "removed", "modified")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---------------------------------------------------------------------------------------------------------------

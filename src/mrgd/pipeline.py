@@ -76,6 +76,15 @@ class GenerateResult:
     info: dict[str, Any]
 
 
+def encode_plans(encoder: PromptEncoder, plans: dict[int, list[RegionPlan]]) -> dict[tuple[int, str], tuple]:
+    """(image, region key) -> (cond, uncond) prompts, all padded to one chunk count so any rows batch together
+    (prompts longer than 75 tokens have more chunks). Inversion uses it too, so its null embeddings fit the edit."""
+    encoded = {(i, p.key): (encoder.encode_parts(p.parts) if p.parts else encoder.encode(p.prompt),
+                            encoder.encode(p.negative)) for i, image_plans in plans.items() for p in image_plans}
+    flat = encoder.pad_to_same_length([e for pair in encoded.values() for e in pair])
+    return {key: (flat[2 * n], flat[2 * n + 1]) for n, key in enumerate(encoded)}
+
+
 class MRGDPipeline:
     """Multi-region generation and editing on any Stable-Diffusion-shaped model family.
 
@@ -147,11 +156,7 @@ class MRGDPipeline:
 
         # 2. Prompts; the empty negative of a region may be replaced by an inverted null embedding (§7).
         with timer("encode"):
-            encoded = {(i, p.key): (encoder.encode_parts(p.parts) if p.parts else encoder.encode(p.prompt),
-                                    encoder.encode(p.negative)) for i in images for p in plans[i]}
-            # prompts longer than 75 tokens have more chunks; pad all to one length so any rows batch together
-            flat = encoder.pad_to_same_length([e for pair in encoded.values() for e in pair])
-            encoded = {key: (flat[2 * n], flat[2 * n + 1]) for n, key in enumerate(encoded)}
+            encoded = encode_plans(encoder, {i: plans[i] for i in images})
             follows_setup = self._control_setup(plans, encoded, settings, info) if len(images) == 2 else {}
 
         guide = self._guide(edit, plans, info) if len(images) == 2 else None

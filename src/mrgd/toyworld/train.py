@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from .models import CLIP_SIZE, IMAGE_SIZE, make_clip, make_clipseg, make_noise_scheduler, make_unet, make_vae
 from .world import BACKGROUNDS, COLORS, SHAPES
+from ..guidance import CLIP_MEAN, CLIP_STD
 
 
 @dataclass
@@ -365,8 +366,6 @@ def stage_clipseg(cfg: TrainConfig, budget: Budget) -> bool:
     return True
 
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def normalize_for_clip(x: torch.Tensor) -> torch.Tensor:
