@@ -115,3 +115,14 @@ def test_spatial_entropy_ranks_focused_maps_first():
     assert h[0].item() == pytest.approx(6.0) and h[1].item() == pytest.approx(2.0) and h[2].item() == float("inf")
     chosen = select_keywords(torch.stack([flat, focused]), {"r": [0, 1]}, 1, entropy="spatial")
     assert chosen["r"][0][0] == 1
+
+
+def test_select_keywords_takes_a_count_per_region():
+    maps = torch.zeros(6, 16)
+    for position, width in zip(range(6), (1, 2, 4, 8, 12, 16)):
+        maps[position, :width] = 1.0  # two levels, 255 and 0: entropy H(width / 16) bits
+    chosen = select_keywords(maps, {"a": [0, 1, 2], "b": [3, 4, 5]}, {"a": 1, "b": 2})
+    assert [p for p, _ in chosen["a"]] == [0]  # H(1/16) = 0.34 < H(2/16) = 0.54 < H(4/16) = 0.81
+    assert [p for p, _ in chosen["b"]] == [5, 4]  # H(16/16) = 0 < H(12/16) = 0.81 < H(8/16) = 1
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        select_keywords(maps, {"a": [0]}, {"a": -1})

@@ -81,3 +81,20 @@ def test_kssa_never_changes_the_source(tiny_pipe):
     with_kssa, without = run(keywords=2, kssa=True), run(keywords=2, kssa=False)
     assert torch.allclose(with_kssa.latents["source"], without.latents["source"], atol=1e-4)
     assert (with_kssa.latents["target"] - without.latents["target"]).abs().max() > 1e-3
+
+
+def test_a_region_keyword_count_overrides_the_edit_setting(tiny_pipe):
+    import copy
+
+    from conftest import THREE_REGION_EDIT
+    from mrgd.layout import Edit
+
+    data = copy.deepcopy(THREE_REGION_EDIT)
+    data["steps"] = 12
+    data["regions"][1]["keyword_count"] = 1  # "a red circle": three candidate words
+    data["mrgd"] = {"method": "mrgd", "guidance": False, "keywords": 3}
+    chosen = tiny_pipe.edit(Edit.from_dict(data)).info["keywords"]
+    first = data["regions"][1]["id"]
+    for image in ("source", "target"):
+        assert len(chosen[image][first]) == 1
+        assert max(len(words) for rid, words in chosen[image].items() if rid != first) >= 2

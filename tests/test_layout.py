@@ -326,3 +326,16 @@ def test_any_prompt_text_round_trips_through_yaml_and_json(tmp_path_factory, pro
         path = tmp_path_factory.getbasetemp() / f"prompt{suffix}"
         edit.save(path)
         assert Edit.load(path) == edit
+
+
+def test_keyword_count_is_per_region_and_reaches_both_images():
+    from mrgd.layout import Edit
+
+    edit = Edit.from_dict({"regions": [
+        {"id": "bg", "kind": "background", "box": [0, 0, 1, 1], "prompt": "grass", "keyword_count": 1},
+        {"id": "a", "box": [0.1, 0.1, 0.3, 0.3], "prompt": "a red circle", "target_prompt": "a blue circle"},
+    ]})
+    assert [r.keyword_count for r in edit.source().regions] == [1, None]
+    assert [r.keyword_count for r in edit.target().regions] == [1, None]
+    with pytest.raises(InputError, match="keyword_count"):
+        Edit.from_dict({"regions": [{"id": "a", "box": [0, 0, 1, 1], "prompt": "x", "keyword_count": -1}]})

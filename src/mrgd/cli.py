@@ -327,6 +327,9 @@ def train_toy(
     minutes: Annotated[Optional[float], typer.Option("--minutes", help="pause (resumably) after this many minutes")] = None,
     stages: Annotated[str, typer.Option("--stages", help="comma-separated subset of data,tokenizer,clip,vae,unet,clipseg,assemble")] = "data,tokenizer,clip,vae,unet,clipseg,assemble",
     threads: Annotated[int, typer.Option("--threads")] = 2,
+    steps: Annotated[Optional[str], typer.Option(
+        "--steps", help="step counts, e.g. clip=2000,unet=12000; raising a finished stage's count extends it "
+                        "(a warm restart of its learning-rate schedule)")] = None,
 ) -> None:
     """Train the embedded shapes-world model family from nothing (fixed seeds, resumable)."""
     from .toyworld.train import STAGES, TrainConfig, train
@@ -335,7 +338,13 @@ def train_toy(
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         raise InputError(f"--stages: unknown stage {unknown[0]!r}; use some of {', '.join(STAGES)}")
-    done = train(TrainConfig(out=str(output), stages=chosen, minutes=minutes, threads=threads))
+    config = TrainConfig(out=str(output), stages=chosen, minutes=minutes, threads=threads)
+    for item in filter(None, (steps or "").split(",")):
+        stage, _, count = item.partition("=")
+        if not hasattr(config, f"{stage.strip()}_steps") or not count.strip().isdigit():
+            raise InputError(f"--steps: {item!r} is not STAGE=N with STAGE one of clip, vae, unet, clipseg")
+        setattr(config, f"{stage.strip()}_steps", int(count))
+    done = train(config)
     typer.echo(f"{'finished' if done else 'paused (run again to resume)'}: {output}"
                + (f"; the model folder is {output}/model" if done and "assemble" in chosen else ""))
 

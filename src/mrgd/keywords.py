@@ -7,6 +7,7 @@ picture; those tokens become each region's keywords for guidance (§6) and KSSA 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -49,16 +50,19 @@ def spatial_entropy(maps: torch.Tensor) -> torch.Tensor:
 ENTROPIES = {"histogram": map_entropy, "spatial": spatial_entropy}
 
 
-def select_keywords(maps: torch.Tensor, candidates: dict[str, list[int]], k: int,
+def select_keywords(maps: torch.Tensor, candidates: dict[str, list[int]], k: int | Mapping[str, int],
                     entropy: str = "histogram") -> dict[str, list[tuple[int, float]]]:
     """Per region, the k candidate positions with the lowest map entropy, lowest first (method.md §4, N_k = 15).
 
     `maps[T, P]` are r_total's averaged maps per token position; `candidates` maps a region id to the positions of
     its region-prompt tokens in r_total's prompt (never global-prompt tokens, separators, BOS/EOS/padding: the
-    caller builds them with `prompts.positions_of`). Fewer candidates than k: all of them; ties go to the earlier.
+    caller builds them with `prompts.positions_of`). `k` is one count for all regions or a count per region id.
+    Fewer candidates than k: all of them; ties go to the earlier.
     """
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+    counts = {region: (k[region] if isinstance(k, Mapping) else k) for region in candidates}
+    negative = {region: n for region, n in counts.items() if n < 0}
+    if negative:
+        raise ValueError(f"k must be >= 0, got {negative}")
     entropy = ENTROPIES[entropy](maps).tolist()
     selected = {}
     for region, positions in candidates.items():
@@ -66,7 +70,7 @@ def select_keywords(maps: torch.Tensor, candidates: dict[str, list[int]], k: int
         if outside:
             raise ValueError(f"region {region!r}: positions {outside} outside the {len(entropy)} maps")
         scored = sorted((entropy[p], p) for p in set(positions) if math.isfinite(entropy[p]))
-        selected[region] = [(p, h) for h, p in scored[:k]]
+        selected[region] = [(p, h) for h, p in scored[:counts[region]]]
     return selected
 
 
@@ -129,7 +133,7 @@ class KeywordTracker:
     the attention processors hand it the probabilities of every cross-attention layer at `level`.
     """
 
-    def __init__(self, level: int, hw: tuple[int, int], select_at: list[int], k: int,
+    def __init__(self, level: int, hw: tuple[int, int], select_at: list[int], k: int | dict[int, dict[str, int]],
                  totals: dict[int, EncodedPrompt], candidates: dict[int, dict[str, list[int]]],
                  entropy: str = "histogram"):
         self.level, self.hw, self.select_at, self.k, self.entropy = level, hw, set(select_at), k, entropy
@@ -151,7 +155,8 @@ class KeywordTracker:
             return False
         for image, acc in self.accumulators.items():
             if acc.count:
-                self.selected[image] = select_keywords(acc.maps(), self.candidates[image], self.k, self.entropy)
+                k = self.k[image] if isinstance(self.k, dict) else self.k
+                self.selected[image] = select_keywords(acc.maps(), self.candidates[image], k, self.entropy)
         return bool(self.selected)
 
     def positions(self, image: int) -> list[int]:

@@ -164,6 +164,7 @@ class Region(_Model):
     target_prompt: str | None = None
     negative_prompt: str = ""
     keywords: list[str] = Field(default_factory=list)  # user keywords, added to the selected ones for guidance
+    keyword_count: int | None = Field(None, ge=0)  # N_k for this region; None: the edit's mrgd.keywords
     feather: Fraction = 0.2
     seed: Seed | None = None  # own noise for the box; None: the global noise
 
@@ -209,6 +210,7 @@ class LayoutRegion(_Model):
     prompt: str
     negative_prompt: str = ""
     keywords: list[str] = Field(default_factory=list)
+    keyword_count: int | None = Field(None, ge=0)
     feather: Fraction = 0.2
     seed: Seed | None = None
 

@@ -342,10 +342,15 @@ class MRGDPipeline:
                     state.kssa_tokens[row] = torch.tensor(positions, device=self.device)
 
     def _keyword_tracker(self, edit: Edit, plans, encoded, levels: list[int], images):
-        """Keyword selection of method `mrgd` (§4), or None when off (no r_total, keywords = 0, other method)."""
+        """Keyword selection of method `mrgd` (§4), or None when off (no r_total, every N_k = 0, other method)."""
+        from .prompts import positions_of
+
         settings = edit.mrgd
         totals = {i: p for i in images for p in plans[i] if p.key == TOTAL}
-        if settings.method != "mrgd" or settings.keywords == 0 or len(totals) == 0 or len(levels) < 2:
+        layouts = (edit.source(), edit.target())
+        counts = {i: {r.id: settings.keywords if r.keyword_count is None else r.keyword_count for r in layouts[i].regions}
+                  for i in totals}
+        if settings.method != "mrgd" or not any(n for c in counts.values() for n in c.values()) or len(levels) < 2:
             return None
         first = min(p.first_step for p in totals.values())
         select_at = sorted({max(first, edit.steps - d) for d in settings.keyword_steps if edit.steps - d < edit.steps})
@@ -353,12 +358,10 @@ class MRGDPipeline:
         h, w = (edit.size[1] // self.latent_factor, edit.size[0] // self.latent_factor)
         size = -(-h // self.unet_multiple) * self.unet_multiple, -(-w // self.unet_multiple) * self.unet_multiple
         hw = (-(-size[0] // 2**level), -(-size[1] // 2**level))
-        from .prompts import positions_of
-
         total_prompts = {i: encoded[(i, TOTAL)][0] for i in totals}
         candidates = {i: {r.id: word_positions(total_prompts[i], positions_of(total_prompts[i], r.id))
-                          for r in (edit.source(), edit.target())[i].regions} for i in totals}
-        return KeywordTracker(level, hw, select_at, settings.keywords, total_prompts, candidates, settings.keyword_entropy)
+                          for r in layouts[i].regions} for i in totals}
+        return KeywordTracker(level, hw, select_at, counts, total_prompts, candidates, settings.keyword_entropy)
 
     def _use_keywords(self, tracker, guide, state: AttentionState, settings: Settings, info) -> None:
         """After a selection: keywords become Φ's queries and, with KSSA on, drive r_total's self-attention."""

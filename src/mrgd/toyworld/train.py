@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as D
+from . import grounding
 from .models import CLIP_SIZE, IMAGE_SIZE, make_clip, make_clipseg, make_noise_scheduler, make_unet, make_vae
 from .world import BACKGROUNDS, COLORS, SHAPES
 from ..guidance import CLIP_MEAN, CLIP_STD
@@ -37,12 +38,15 @@ class TrainConfig:
     crops: int = 16000
     clip_steps: int = 700
     clip_batch: int = 128
+    clip_phrase_weight: float = 1.0  # crops against every canonical phrase too: the scorer's own task
     vae_steps: int = 2200
     vae_batch: int = 32
     unet_steps: int = 4600
     unet_batch: int = 32
     unet_crop_fraction: float = 0.4  # share of UNet steps on region-level crops (MultiDiffusion denoises crops)
     cfg_dropout: float = 0.1
+    unet_grounding_weight: float = 0.01  # token-grounding loss on cross-attention (grounding.py), scenes only
+    unet_grounding_from: int = 4600  # the step it was switched on in the committed run (v1 trained without it)
     clipseg_steps: int = 1500
     clipseg_batch: int = 64
     stages: list[str] = field(default_factory=lambda: ["data", "tokenizer", "clip", "vae", "unet", "clipseg", "assemble"])
@@ -62,10 +66,31 @@ def _log(cfg: TrainConfig, stage: str, **values) -> None:
         f.write(json.dumps({"stage": stage, "time": round(time.time(), 1), **values}) + "\n")
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 200) -> float:
+EXTEND_PEAK = 0.5  # an extension restarts the cosine at half the stage's peak: enough to move, not to undo
+
+
+def _lr(step: int, segments: list[tuple[int, int]], peak: float, warmup: int = 200) -> float:
+    """Warmup + cosine within the schedule segment holding `step`.
+
+    A stage trained to N steps and later extended to M has segments [(0, N), (N, M)]: the extension is a warm
+    restart (shorter warmup, lower peak) rather than a jump into the middle of a longer cosine.
+    """
+    index = next(i for i, (start, end) in enumerate(segments) if start <= step < end)
+    start, end = segments[index]
+    if index:
+        peak, warmup = peak * EXTEND_PEAK, 100
+    step, total = step - start, end - start
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _finished(cfg: TrainConfig, stage: str, total: int) -> bool:
+    """A stage is finished when its final weights exist and its state has reached `total` steps."""
+    if not (Path(cfg.out) / stage / "final").exists():
+        return False
+    state = Checkpoint(Path(cfg.out) / stage / "state.pt").load()
+    return state is None or state["step"] >= total  # no state: weights placed by hand, take them as they are
 
 
 class Checkpoint:
@@ -93,6 +118,7 @@ def _loop(cfg: TrainConfig, stage: str, total: int, models: dict, optimizer, pea
     step = 0
     rng = np.random.default_rng([cfg.seed, zlib.crc32(stage.encode())])
     torch.manual_seed(cfg.seed)
+    segments = [(0, total)]
     if state:
         for name, m in models.items():
             m.load_state_dict(state["models"][name])
@@ -101,20 +127,28 @@ def _loop(cfg: TrainConfig, stage: str, total: int, models: dict, optimizer, pea
             ema.load_state_dict(state["ema"])
         step, rng = state["step"], state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        segments = [tuple(s) for s in state.get("segments", [(0, step)])]
+        if segments[-1][1] < total:  # extended: pause points inside a segment do not start a new one
+            if step < segments[-1][1]:
+                segments[-1] = (segments[-1][0], total)
+            else:
+                segments.append((segments[-1][1], total))
+        _log(cfg, stage, event="resume", step=step, segments=segments)
 
     def save():
         ckpt.save(models={k: m.state_dict() for k, m in models.items()}, optimizer=optimizer.state_dict(),
-                  ema=ema.state_dict() if ema is not None else None, step=step, rng=rng, torch_rng=torch.get_rng_state())
+                  ema=ema.state_dict() if ema is not None else None, step=step, rng=rng, torch_rng=torch.get_rng_state(),
+                  segments=segments)
 
     bar = tqdm(total=total, initial=step, desc=stage, mininterval=5)
-    running = []
+    running, extras = [], {}
     while step < total:
         if budget.exhausted():
             save()
             bar.close()
             return False
         for g in optimizer.param_groups:
-            g["lr"] = _lr(step, total, peak_lr) * g.get("lr_scale", 1.0)
+            g["lr"] = _lr(step, segments, peak_lr) * g.get("lr_scale", 1.0)
         loss, extra = step_fn(rng, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,11 +161,14 @@ def _loop(cfg: TrainConfig, stage: str, total: int, models: dict, optimizer, pea
                     pe.lerp_(p, 1 - decay)
         step += 1
         running.append(loss.item())
+        for name, value in extra.items():
+            extras.setdefault(name, []).append(value)
         bar.update(1)
         if step % 50 == 0:
-            _log(cfg, stage, step=step, loss=float(np.mean(running)), **extra)
+            summary = {k: (round(float(np.mean(v)), 4) if isinstance(v[0], float) else v[-1]) for k, v in extras.items()}
+            _log(cfg, stage, step=step, loss=float(np.mean(running)), **summary)
             bar.set_postfix(loss=f"{np.mean(running):.4f}")
-            running = []
+            running, extras = [], {}
         if step % save_every == 0:
             save()
     save()
@@ -171,20 +208,37 @@ def _pools(cfg):
     return D.load_pool(D.ScenePool, d / "scenes.npz"), D.load_pool(D.CropPool, d / "crops.npz")
 
 
-def _tokens(tok, texts: list[str]) -> torch.Tensor:
-    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+def _tokens(tok, texts: list[str], padding: str = "max_length") -> torch.Tensor:
+    """Token ids; `padding="longest"` where only the pooled EOS output counts (CLIP, CLIPSeg queries): the text
+    tower is causal, so padding after the EOS cannot change it, and short batches run several times faster."""
+    return tok(texts, padding=padding, max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def canonical_phrases() -> tuple[list[str], dict[tuple[int, int], int]]:
+    """Every object phrase and background name, and the index of each (colour, shape) label; (-1, -1 - b) for b."""
+    phrases, index = [], {}
+    for c, color in enumerate(COLORS):
+        for s, shape in enumerate(SHAPES):
+            index[(c, s)] = len(phrases)
+            phrases.append(f"a {color} {shape}")
+    for b, name in enumerate(BACKGROUNDS):
+        index[(-1, -1 - b)] = len(phrases)
+        phrases.append(name)
+    return phrases, index
 
 
 def stage_clip(cfg: TrainConfig, budget: Budget) -> bool:
     """Contrastive CLIP on whole scenes with captions and object crops with their phrases."""
     final = Path(cfg.out) / "clip" / "final"
-    if final.exists():
+    if _finished(cfg, "clip", cfg.clip_steps):
         return True
     tok = _tokenizer(cfg)
     scenes, crops = _pools(cfg)
     torch.manual_seed(cfg.seed)
     model = make_clip(len(tok), tok.bos_token_id, tok.eos_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    phrases, phrase_index = canonical_phrases()
+    phrase_ids = _tokens(tok, phrases, "longest")
 
     def step_fn(rng, step):
         half = cfg.clip_batch // 2
@@ -192,8 +246,17 @@ def stage_clip(cfg: TrainConfig, budget: Budget) -> bool:
         ci = rng.integers(0, len(crops.images), cfg.clip_batch - half)
         images = torch.cat([D.to_tensor(scenes.images[si], CLIP_SIZE), D.to_tensor(crops.images[ci], CLIP_SIZE)])
         texts = [scenes.caption(i, rng) for i in si] + [crops.caption(i, rng) for i in ci]
-        out = model(input_ids=_tokens(tok, texts), pixel_values=images, return_loss=True)
-        return out.loss, {}
+        out = model(input_ids=_tokens(tok, texts, "longest"), pixel_values=images, return_loss=True)
+        if not cfg.clip_phrase_weight:
+            return out.loss, {}
+        # In-batch negatives rarely pit a red circle against a red star; the whole phrase set always does.
+        labels = torch.tensor([phrase_index[(c, s) if c >= 0 else (-1, -1 - crops.backgrounds[i])]
+                               for i, (c, s) in zip(ci, crops.labels[ci])])
+        text = F.normalize(model.get_text_features(input_ids=phrase_ids).pooler_output, dim=-1)
+        crop_embeds = out.image_embeds[half:]
+        logits = model.logit_scale.exp() * crop_embeds @ text.T
+        phrase_loss = F.cross_entropy(logits, labels)
+        return out.loss + cfg.clip_phrase_weight * phrase_loss, {"phrase_loss": round(phrase_loss.item(), 4)}
 
     (Path(cfg.out) / "clip").mkdir(parents=True, exist_ok=True)
     if not _loop(cfg, "clip", cfg.clip_steps, {"clip": model}, opt, 5e-4, step_fn, budget):
@@ -206,7 +269,7 @@ def stage_clip(cfg: TrainConfig, budget: Budget) -> bool:
 def stage_vae(cfg: TrainConfig, budget: Budget) -> bool:
     """AutoencoderKL on 64 x 64 crops of scenes (it is fully convolutional); L1 + MSE + a small KL."""
     final = Path(cfg.out) / "vae" / "final"
-    if final.exists():
+    if _finished(cfg, "vae", cfg.vae_steps):
         return True
     scenes, crops = _pools(cfg)
     torch.manual_seed(cfg.seed)
@@ -252,7 +315,7 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
     from transformers import CLIPTextModel
 
     final = Path(cfg.out) / "unet" / "final"
-    if final.exists():
+    if _finished(cfg, "unet", cfg.unet_steps):
         return True
     out = Path(cfg.out) / "unet"
     out.mkdir(parents=True, exist_ok=True)
@@ -270,6 +333,7 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
     unet = make_unet()
     text = CLIPTextModel.from_pretrained(Path(cfg.out) / "clip" / "final")
     ema = copy.deepcopy(unet).requires_grad_(False)
+    maps = grounding.install(unet)
     noise_sched = make_noise_scheduler()
     acp = noise_sched.alphas_cumprod
     opt = torch.optim.AdamW([
@@ -294,8 +358,13 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = text(_tokens(tok, texts)).last_hidden_state
+        maps.clear()
         pred = unet(xt, t, cond).sample
-        return F.mse_loss(pred, noise), {"kind": key}
+        loss = F.mse_loss(pred, noise)
+        if key != "scenes" or not cfg.unet_grounding_weight or step < cfg.unet_grounding_from:
+            return loss, {"kind": key}
+        ground = grounding.grounding_loss(maps, scenes.labels[idx], [grounding.word_targets(tok, x) for x in texts])
+        return loss + cfg.unet_grounding_weight * ground, {"kind": key, "grounding": round(ground.item(), 4)}
 
     if not _loop(cfg, "unet", cfg.unet_steps, {"unet": unet, "text": text}, opt, 5e-4, step_fn, budget,
                  ema=ema, ema_source=unet, save_every=200):
@@ -332,7 +401,7 @@ def stage_clipseg(cfg: TrainConfig, budget: Budget) -> bool:
     from transformers import CLIPModel
 
     final = Path(cfg.out) / "clipseg" / "final"
-    if final.exists():
+    if _finished(cfg, "clipseg", cfg.clipseg_steps):
         return True
     (Path(cfg.out) / "clipseg").mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(cfg)
@@ -357,7 +426,7 @@ def stage_clipseg(cfg: TrainConfig, budget: Budget) -> bool:
         masks = torch.from_numpy(np.stack([m for _, m in queries])).float()[:, None]
         masks = F.interpolate(masks, size=(CLIP_SIZE, CLIP_SIZE), mode="area")[:, 0]
         pixels = normalize_for_clip(D.to_tensor(scenes.images[idx], CLIP_SIZE))
-        logits = model(input_ids=_tokens(tok, [q for q, _ in queries]), pixel_values=pixels).logits
+        logits = model(input_ids=_tokens(tok, [q for q, _ in queries], "longest"), pixel_values=pixels).logits
         return F.binary_cross_entropy_with_logits(logits, masks), {}
 
     if not _loop(cfg, "clipseg", cfg.clipseg_steps, {"clipseg": model}, opt, 1e-3, step_fn, budget):

@@ -1,0 +1,90 @@
+"""A token-grounding loss on the UNet's cross-attention, for training the shapes-world model only.
+
+Stable Diffusion's cross-attention maps put an object word's attention on the object: keyword selection (method.md
+§4) and KSSA (§5) rest on that. SD learned it from billions of pairs; a 5.9 M UNet trained for an hour on two cores
+does not: its maps stay nearly flat (benchmarks/results/keywords.md, model v1). So, as TokenCompose (Wang et al.,
+CVPR 2024) does for SD, the toy UNet is also taught, on whole scenes, that the attention of each colour, shape and
+background word falls inside that thing's ground-truth mask: L = mean over (word, layer) of (1 − Σ_mask A / Σ A)².
+Quality words get no term: whatever their maps become is what keyword selection has to cope with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import BACKGROUNDS, COLORS, SHAPES
+
+
+class RecordingCrossAttention:
+    """Cross-attention computed explicitly (the maps are needed with gradients); appends head-mean maps to `store`."""
+
+    def __init__(self, store: list[torch.Tensor]):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)  # [batch * heads, pixels, tokens]
+        batch = hidden_states.shape[0]
+        self.store.append(probs.view(batch, attn.heads, *probs.shape[1:]).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install(unet) -> list[torch.Tensor]:
+    """Record every cross-attention layer above the 4x4 mid block; returns the list the maps go to."""
+    store: list[torch.Tensor] = []
+    processors = {}
+    for name, processor in unet.attn_processors.items():
+        grounded = name.endswith("attn2.processor") and not name.startswith("mid_block")
+        processors[name] = RecordingCrossAttention(store) if grounded else processor
+    unet.set_attn_processor(processors)
+    return store
+
+
+def word_targets(tokenizer, caption: str) -> list[tuple[int, int]]:
+    """(token position, mask index) per grounded word: 0 the background, j + 1 the caption's j-th object.
+
+    Objects are named in scene order ("a red circle and a blue star"), so the k-th colour and k-th shape word
+    belong to object k. Token positions count the BOS at 0, as in the encoded prompt.
+    """
+    targets, colors, shapes = [], 0, 0
+    for position, token in enumerate(tokenizer.tokenize(caption), start=1):
+        word = token.replace("</w>", "")
+        if word in COLORS:
+            colors += 1
+            targets.append((position, colors))
+        elif word in SHAPES:
+            shapes += 1
+            targets.append((position, shapes))
+        elif word in BACKGROUNDS:
+            targets.append((position, 0))
+    return targets
+
+
+def masks_at(labels: np.ndarray, size: int) -> torch.Tensor:
+    """Label maps [B, H, W] (0 background, j + 1 object j) -> soft masks [B, 4, size * size] by area."""
+    onehot = F.one_hot(torch.from_numpy(labels.astype(np.int64)), 4).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(onehot, size).flatten(2)
+
+
+def grounding_loss(maps: list[torch.Tensor], labels: np.ndarray, targets: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """mean (1 − attention mass inside the word's mask)² over grounded words and recorded layers.
+
+    `maps[l]` is [B, pixels, tokens] for the batch whose rows have `labels[b]` and `targets[b]`.
+    """
+    rows = [(b, position, index) for b, words in enumerate(targets) for position, index in words]
+    if not rows or not maps:
+        return maps[0].new_zeros(()) if maps else torch.zeros(())
+    b, position, index = (torch.tensor(column) for column in zip(*rows))
+    losses = []
+    for layer in maps:
+        size = int(round(layer.shape[1] ** 0.5))
+        masks = masks_at(labels, size)[b, index]  # [K, pixels]
+        attention = layer[b, :, position]  # [K, pixels]
+        inside = (attention * masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)
+        losses.append((1 - inside).pow(2).mean())
+    return torch.stack(losses).mean()
