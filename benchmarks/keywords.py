@@ -5,8 +5,9 @@ of region prompts padded with object-agnostic quality words?
 
 Builds seeded shapes-world edits (additions, removals and attribute swaps of 1-3 objects on a background region,
 128x128, method mrgd, KSSA on, guidance off for speed) whose every region prompt carries quality words before AND
-after its phrase ("masterpiece, best quality, a red circle, highly detailed, 8k"). `keywords` (N_k, a global
-setting) is the largest number of colour/shape/background words of any region of the edit. Each selected word is
+after its phrase ("masterpiece, best quality, a red circle, highly detailed, 8k"). Each region's N_k
+(`keyword_count`) is the number of its colour/shape/background words: 2 for "a red circle", 1 for "grass". Each
+selected word is
 classified with the world's ground truth (`word_roles`): object, colour and background words are right; quality
 words, fillers ("a", "the") and punctuation are wrong. The random baseline is the precision expected from picking
 the same number of words per region uniformly among that region's candidate words (punctuation excluded).
@@ -57,8 +58,10 @@ def make_edit(rng: random.Random, task: str, steps: int) -> Edit:
             new = rng.choice([c for c in COLORS if c != color])
             region["target_prompt"] = prompt.replace(f"a {color} {shape}", f"a {new} {shape}")
         regions.append(region)
-    prompts = [p for r in regions for p in (r.get("prompt"), r.get("target_prompt", r.get("prompt"))) if p]
-    n_k = max(sum(role in RIGHT for _, role in word_roles(p)) for p in prompts)
+    for region in regions:
+        prompt = region.get("prompt") or region.get("target_prompt")
+        region["keyword_count"] = sum(role in RIGHT for _, role in word_roles(prompt))
+    n_k = max(region["keyword_count"] for region in regions)
     return Edit.from_dict({"size": [128, 128], "prompt": rng.choice(GLOBAL_PROMPTS), "seed": rng.randrange(10**6),
                            "steps": steps, "guidance_scale": 7.0, "regions": regions,
                            "mrgd": {"method": "mrgd", "guidance": False, "kssa": True, "keywords": n_k}})
@@ -111,7 +114,7 @@ def main() -> None:
     for i in range(args.n):
         edit = make_edit(rng, TASKS[i % len(TASKS)], args.steps)
         edit.mrgd.keyword_entropy = args.entropy
-        n_k.append(edit.mrgd.keywords)
+        n_k.extend(r.keyword_count for r in edit.regions)
         chosen = pipe.edit(edit).info.get("keywords")
         missing += chosen is None
         layouts = {"source": edit.source(), "target": edit.target()}
@@ -141,7 +144,7 @@ def main() -> None:
     picks = sum(total.values())
     report = {
         "model": args.model, "edits": args.n, "steps": args.steps, "seed": args.seed, "size": [128, 128],
-        "settings": {"method": "mrgd", "guidance": False, "kssa": True, "keyword_entropy": args.entropy, "keywords": "max right words of any region",
+        "settings": {"method": "mrgd", "guidance": False, "kssa": True, "keyword_entropy": args.entropy, "keywords": "per region: its number of right words",
                      "keywords_used": dict(Counter(n_k))},
         "edits_without_keywords": missing, "selected_words": picks, "roles": dict(total),
         "precision": precision(total), "precision_per_image": {k: precision(v) for k, v in counts.items()},

@@ -134,7 +134,7 @@ def test_a_guided_step_lowers_the_loss(tiny_guided_pipe):
 
 
 def test_segmenter_maps_carry_gradients_to_the_image_and_match_clipseg(tiny_guided_pipe):
-    from mrgd.guidance import Segmenter, clip_pixels
+    from mrgd.guidance import Segmenter, clip_pixels, clipseg_logits
 
     seg = Segmenter(tiny_guided_pipe.guidance_model, tiny_guided_pipe.guidance_tokenizer)
     image = (torch.rand(1, 3, 64, 64) * 2 - 1).requires_grad_()
@@ -143,6 +143,6 @@ def test_segmenter_maps_carry_gradients_to_the_image_and_match_clipseg(tiny_guid
     assert grad.abs().max() > 0  # transformers' own forward runs the vision tower under no_grad
     ids = seg._input_ids(["a red circle"])
     with torch.no_grad():
-        ours = seg._logits(clip_pixels(image, seg.size), ids)
+        ours = clipseg_logits(seg.model, clip_pixels(image, seg.size), ids)
         theirs = seg.model(input_ids=ids, pixel_values=clip_pixels(image, seg.size)).logits
     assert torch.allclose(ours.reshape(theirs.shape), theirs, atol=1e-5)

@@ -102,6 +102,21 @@ def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
+def clipseg_logits(model, pixels: torch.Tensor, input_ids: torch.Tensor, train_text: bool = False) -> torch.Tensor:
+    """CLIPSeg's forward, with gradients through its vision tower.
+
+    transformers' `CLIPSegForImageSegmentation.forward` runs the CLIP vision encoder under `torch.no_grad()`,
+    which would make L_RS and L_IS blind to the image (and keeps training from tuning the backbone); the same
+    computation here keeps the graph. The text side stays gradient-free unless `train_text`.
+    """
+    vision = model.clip.vision_model(pixel_values=pixels, output_hidden_states=True,
+                                     interpolate_pos_encoding=pixels.shape[-1] != model.config.vision_config.image_size)
+    activations = [vision.hidden_states[i + 1] for i in model.extract_layers]
+    with torch.set_grad_enabled(train_text and torch.is_grad_enabled()):
+        conditional = model.get_conditional_embeddings(batch_size=pixels.shape[0], input_ids=input_ids)
+    return model.decoder(activations, conditional).logits
+
+
 class Segmenter:
     """Φ: CLIPSeg maps M = sigmoid(logits) of text queries on images, resized to a target resolution."""
 
@@ -115,26 +130,12 @@ class Segmenter:
         out = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         return out.input_ids.to(self.model.device)
 
-    def _logits(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """CLIPSeg's forward, with gradients through its vision tower.
-
-        transformers' `CLIPSegForImageSegmentation.forward` runs the CLIP vision encoder under `torch.no_grad()`,
-        which would make L_RS and L_IS blind to the image; the same computation here keeps the graph.
-        """
-        model = self.model
-        vision = model.clip.vision_model(pixel_values=pixels, output_hidden_states=True,
-                                         interpolate_pos_encoding=pixels.shape[-1] != model.config.vision_config.image_size)
-        activations = [vision.hidden_states[i + 1] for i in model.extract_layers]
-        with torch.no_grad():
-            conditional = model.get_conditional_embeddings(batch_size=pixels.shape[0], input_ids=input_ids)
-        return model.decoder(activations, conditional).logits
-
     def __call__(self, image: torch.Tensor, texts: list[str], hw: tuple[int, int]) -> torch.Tensor:
         """Maps [len(texts), h, w] for one image [1, 3, H, W] in [-1, 1]."""
         if not texts:
             return image.new_zeros((0, *hw))
         pixels = clip_pixels(image, self.size).to(self.model.dtype).expand(len(texts), -1, -1, -1)
-        logits = self._logits(pixels, self._input_ids(texts))
+        logits = clipseg_logits(self.model, pixels, self._input_ids(texts))
         logits = logits.reshape(len(texts), 1, *logits.shape[-2:]).float()
         return F.interpolate(logits.sigmoid(), size=hw, mode="bilinear", align_corners=False)[:, 0]
 

@@ -6,7 +6,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPSegConfig, CLIPSegForImageSegmentation
 
 IMAGE_SIZE = 128  # native size of the embedded model: 16 x 16 latents
-CLIP_SIZE = 64  # CLIP / CLIPSeg input size
+CLIP_SIZE = 64  # CLIP input size
+CLIPSEG_SIZE = 128  # CLIPSeg reads the whole 128 px image: 16 x 16 patch tokens, not 8 x 8
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77)
 VISION = dict(image_size=CLIP_SIZE, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
 
@@ -22,7 +23,8 @@ def make_clip(vocab_size: int, bos: int, eos: int) -> CLIPModel:
 
 def make_clipseg(vocab_size: int, bos: int, eos: int) -> CLIPSegForImageSegmentation:
     config = CLIPSegConfig(
-        text_config=text_config(vocab_size, bos, eos), vision_config=VISION, projection_dim=128,
+        text_config=text_config(vocab_size, bos, eos), vision_config=dict(VISION, image_size=CLIPSEG_SIZE),
+        projection_dim=128,
         extract_layers=[1, 2, 3], reduce_dim=64, decoder_num_attention_heads=4, decoder_intermediate_size=256,
     )
     return CLIPSegForImageSegmentation(config)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from . import grounding
-from .models import CLIP_SIZE, IMAGE_SIZE, make_clip, make_clipseg, make_noise_scheduler, make_unet, make_vae
+from .models import CLIP_SIZE, CLIPSEG_SIZE, IMAGE_SIZE, VISION, make_clip, make_clipseg, make_noise_scheduler, make_unet, make_vae
 from .world import BACKGROUNDS, COLORS, SHAPES
 from ..guidance import CLIP_MEAN, CLIP_STD
 
@@ -49,6 +49,7 @@ class TrainConfig:
     unet_grounding_from: int = 4600  # the step it was switched on in the committed run (v1 trained without it)
     clipseg_steps: int = 1500
     clipseg_batch: int = 64
+    clipseg_backbone_lr: float = 0.1  # the vision tower is tuned too, at this fraction of the decoder's rate
     stages: list[str] = field(default_factory=lambda: ["data", "tokenizer", "clip", "vae", "unet", "clipseg", "assemble"])
     minutes: float | None = None  # pause (resumably) after this much wall time in this invocation
 
@@ -397,8 +398,12 @@ def _clipseg_query(rng, scenes: D.ScenePool, i: int) -> tuple[str, np.ndarray]:
 
 
 def stage_clipseg(cfg: TrainConfig, budget: Budget) -> bool:
-    """CLIPSeg on our CLIP backbone, trained on ground-truth masks queried by phrases and keywords."""
+    """CLIPSeg on our CLIP (its own copy, as CIDAS/clipseg-rd64 has), trained on ground-truth masks queried by
+    phrases and keywords. The vision tower reads 128 px images (16 x 16 patches, position embeddings resized from
+    the CLIP's 8 x 8) and is tuned with the decoder; the text tower stays as the CLIP trained it."""
     from transformers import CLIPModel
+
+    from ..guidance import clipseg_logits
 
     final = Path(cfg.out) / "clipseg" / "final"
     if _finished(cfg, "clipseg", cfg.clipseg_steps):
@@ -408,25 +413,31 @@ def stage_clipseg(cfg: TrainConfig, budget: Budget) -> bool:
     scenes, _ = _pools(cfg)
     torch.manual_seed(cfg.seed)
     model = make_clipseg(len(tok), tok.bos_token_id, tok.eos_token_id)
-    clip = CLIPModel.from_pretrained(Path(cfg.out) / "clip" / "final")
-    model.clip.load_state_dict(clip.state_dict())
+    clip = CLIPModel.from_pretrained(Path(cfg.out) / "clip" / "final").state_dict()
+    key = "vision_model.embeddings.position_embedding.weight"
+    clip[key] = resize_position_embedding(clip[key], CLIPSEG_SIZE // VISION["patch_size"])
+    model.clip.load_state_dict(clip)
     # The clip stage fed [-1, 1] pixels; fold that in so the segmenter takes CLIP-normalised pixels like any CLIPSeg.
     fold_pixel_range(model.clip.vision_model.embeddings)
-    # CLIPSeg runs its CLIP under no_grad: only the decoder learns. Start its logits at the mask prior (about 12% of
-    # pixels) instead of at random: with the default init the loss sat at the prior for hundreds of steps.
+    # Start the logits at the mask prior (about 12% of pixels) instead of at random: with the default init the loss
+    # sat at the prior for hundreds of steps.
     head = model.decoder.transposed_convolution
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.constant_(head.bias, -2.0)
+    model.clip.text_model.requires_grad_(False)
+    model.clip.text_projection.requires_grad_(False)
     decoder = [p for n, p in model.named_parameters() if not n.startswith("clip.")]
-    opt = torch.optim.AdamW(decoder, lr=1e-3)
+    backbone = list(model.clip.vision_model.parameters())
+    opt = torch.optim.AdamW([{"params": decoder, "lr_scale": 1.0},
+                             {"params": backbone, "lr_scale": cfg.clipseg_backbone_lr}], lr=1e-3)
 
     def step_fn(rng, step):
         idx = rng.integers(0, len(scenes.images), cfg.clipseg_batch)
         queries = [_clipseg_query(rng, scenes, i) for i in idx]
         masks = torch.from_numpy(np.stack([m for _, m in queries])).float()[:, None]
-        masks = F.interpolate(masks, size=(CLIP_SIZE, CLIP_SIZE), mode="area")[:, 0]
-        pixels = normalize_for_clip(D.to_tensor(scenes.images[idx], CLIP_SIZE))
-        logits = model(input_ids=_tokens(tok, [q for q, _ in queries], "longest"), pixel_values=pixels).logits
+        masks = F.interpolate(masks, size=(CLIPSEG_SIZE, CLIPSEG_SIZE), mode="area")[:, 0]
+        pixels = normalize_for_clip(D.to_tensor(scenes.images[idx], CLIPSEG_SIZE))
+        logits = clipseg_logits(model, pixels, _tokens(tok, [q for q, _ in queries], "longest"))
         return F.binary_cross_entropy_with_logits(logits, masks), {}
 
     if not _loop(cfg, "clipseg", cfg.clipseg_steps, {"clipseg": model}, opt, 1e-3, step_fn, budget):
@@ -435,6 +446,13 @@ def stage_clipseg(cfg: TrainConfig, budget: Budget) -> bool:
     return True
 
 
+def resize_position_embedding(weight: torch.Tensor, grid: int) -> torch.Tensor:
+    """A ViT's [1 + g*g, d] position embeddings (class token first) resized to a grid x grid patch grid, bicubic."""
+    cls, patches = weight[:1], weight[1:]
+    old = int(round(patches.shape[0] ** 0.5))
+    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(weight.dtype)])
 
 
 def normalize_for_clip(x: torch.Tensor) -> torch.Tensor:
@@ -459,16 +477,23 @@ def fold_pixel_range(vision_embeddings) -> None:
     vision_embeddings.position_embedding.weight[1:] += constant.to(vision_embeddings.position_embedding.weight.dtype)
 
 
+def image_processor(size: int):
+    """The CLIP image processor of a model reading size x size pixels."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+
+
 def stage_assemble(cfg: TrainConfig, budget: Budget) -> bool:
     """A StableDiffusionPipeline folder plus clip/ and clipseg/, all safetensors."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPSegForImageSegmentation, CLIPTextModel
+    from transformers import CLIPModel, CLIPSegForImageSegmentation, CLIPTextModel
 
     root = Path(cfg.out)
     model_dir = root / "model"
     tok = _tokenizer(cfg)
-    processor = CLIPImageProcessor(size={"shortest_edge": CLIP_SIZE}, crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE},
-                                   image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    processor = image_processor(CLIP_SIZE)
     scheduler = DDIMScheduler.from_config(make_noise_scheduler().config, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(root / "vae" / "final"),
@@ -485,9 +510,10 @@ def stage_assemble(cfg: TrainConfig, budget: Budget) -> bool:
     clip.half().save_pretrained(model_dir / "clip")
     tok.save_pretrained(model_dir / "clip")
     processor.save_pretrained(model_dir / "clip")
-    CLIPSegForImageSegmentation.from_pretrained(root / "clipseg" / "final").half().save_pretrained(model_dir / "clipseg")
+    clipseg = CLIPSegForImageSegmentation.from_pretrained(root / "clipseg" / "final")
+    clipseg.half().save_pretrained(model_dir / "clipseg")
     tok.save_pretrained(model_dir / "clipseg")
-    processor.save_pretrained(model_dir / "clipseg")
+    image_processor(clipseg.config.vision_config.image_size).save_pretrained(model_dir / "clipseg")
     for folder in ("tokenizer", "clip", "clipseg"):  # keep the readable BPE files beside tokenizer.json
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(root / "tokenizer" / name, model_dir / folder / name)

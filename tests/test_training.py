@@ -1,0 +1,84 @@
+"""The resumable training loop of `mrgd train-toy` (toyworld/train.py): resume, extend, schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mrgd.toyworld import train as T
+
+
+class PauseAfter(T.Budget):
+    """A budget that runs out after `calls` checks: a pause at a known step."""
+
+    def __init__(self, calls: int | None):
+        super().__init__(None)
+        self.calls = calls
+
+    def exhausted(self) -> bool:
+        if self.calls is None:
+            return False
+        self.calls -= 1
+        return self.calls < 0
+
+
+def run(tmp_path, total: int, budget: T.Budget) -> tuple[bool, torch.nn.Module]:
+    cfg = T.TrainConfig(out=str(tmp_path))
+    (tmp_path / "toy").mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step_fn(rng, step):
+        x = torch.from_numpy(rng.normal(size=(8, 3))).float()
+        return (model(x) - x.sum(1, keepdim=True)).pow(2).mean(), {"note": 1.0}
+
+    done = T._loop(cfg, "toy", total, {"m": model}, opt, 0.1, step_fn, budget, save_every=2)
+    return done, model
+
+
+def test_a_paused_run_resumes_to_the_same_weights(tmp_path):
+    straight = tmp_path / "straight"
+    paused = tmp_path / "paused"
+    straight.mkdir(), paused.mkdir()
+    done, expected = run(straight, 7, PauseAfter(None))
+    assert done
+    assert not run(paused, 7, PauseAfter(3))[0]  # paused after 3 steps
+    done, got = run(paused, 7, PauseAfter(None))
+    assert done
+    for a, b in zip(got.parameters(), expected.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_raising_the_step_count_extends_a_finished_stage_with_a_new_segment(tmp_path):
+    assert run(tmp_path, 4, PauseAfter(None))[0]
+    assert run(tmp_path, 6, PauseAfter(None))[0]
+    state = T.Checkpoint(tmp_path / "toy" / "state.pt").load()
+    assert state["step"] == 6 and state["segments"] == [(0, 4), (4, 6)]
+
+
+def test_learning_rate_restarts_lower_in_an_extension():
+    segments = [(0, 1000), (1000, 2000)]
+    assert T._lr(0, segments, 1.0) == pytest.approx(1 / 200)
+    assert T._lr(199, segments, 1.0) == pytest.approx(1.0)
+    assert T._lr(999, segments, 1.0) < 1e-4
+    assert T._lr(1099, segments, 1.0) == pytest.approx(T.EXTEND_PEAK)  # 100-step warmup to half the peak
+    assert T._lr(1999, segments, 1.0) < 1e-4
+
+
+def test_position_embeddings_resize_keeps_the_class_token_and_a_constant_grid():
+    weight = torch.randn(1 + 64, 5)
+    assert torch.allclose(T.resize_position_embedding(weight, 8), weight, atol=1e-5)
+    constant = torch.cat([torch.randn(1, 5), torch.ones(64, 5) * 0.3])
+    resized = T.resize_position_embedding(constant, 16)
+    assert resized.shape == (1 + 256, 5)
+    assert torch.equal(resized[0], constant[0])
+    assert torch.allclose(resized[1:], torch.full((256, 5), 0.3), atol=1e-5)
+
+
+def test_canonical_phrases_index_every_label():
+    phrases, index = T.canonical_phrases()
+    assert len(phrases) == len(set(phrases)) == len(index)
+    assert phrases[index[(0, 0)]].startswith("a ") and phrases[index[(-1, -1)]] == T.BACKGROUNDS[0]
+    assert index[(np.int64(1), np.int64(2))] == index[(1, 2)]
