@@ -48,7 +48,7 @@ class TrainConfig:
     unet_grounding_weight: float = 0.01  # token-grounding loss on cross-attention (grounding.py), scenes only
     unet_grounding_from: int = 4600  # the step it was switched on in the committed run (v1 trained without it)
     clipseg_steps: int = 1500
-    clipseg_batch: int = 64
+    clipseg_batch: int = 32
     clipseg_backbone_lr: float = 0.1  # the vision tower is tuned too, at this fraction of the decoder's rate
     stages: list[str] = field(default_factory=lambda: ["data", "tokenizer", "clip", "vae", "unet", "clipseg", "assemble"])
     minutes: float | None = None  # pause (resumably) after this much wall time in this invocation
