@@ -82,3 +82,10 @@ def test_canonical_phrases_index_every_label():
     assert len(phrases) == len(set(phrases)) == len(index)
     assert phrases[index[(0, 0)]].startswith("a ") and phrases[index[(-1, -1)]] == T.BACKGROUNDS[0]
     assert index[(np.int64(1), np.int64(2))] == index[(1, 2)]
+
+
+def test_a_paused_segment_can_be_shortened_or_lengthened(tmp_path):
+    assert not run(tmp_path, 8, PauseAfter(3))[0]
+    assert run(tmp_path, 5, PauseAfter(None))[0]
+    state = T.Checkpoint(tmp_path / "toy" / "state.pt").load()
+    assert state["step"] == 5 and state["segments"] == [(0, 5)]

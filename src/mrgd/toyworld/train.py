@@ -129,11 +129,10 @@ def _loop(cfg: TrainConfig, stage: str, total: int, models: dict, optimizer, pea
         step, rng = state["step"], state["rng"]
         torch.set_rng_state(state["torch_rng"])
         segments = [tuple(s) for s in state.get("segments", [(0, step)])]
-        if segments[-1][1] < total:  # extended: pause points inside a segment do not start a new one
-            if step < segments[-1][1]:
-                segments[-1] = (segments[-1][0], total)
-            else:
-                segments.append((segments[-1][1], total))
+        if step < segments[-1][1]:  # paused inside a segment: it now ends at the requested count
+            segments[-1] = (segments[-1][0], max(total, step))
+        elif step < total:  # finished and extended: a new segment
+            segments.append((segments[-1][1], total))
         _log(cfg, stage, event="resume", step=step, segments=segments)
 
     def save():
