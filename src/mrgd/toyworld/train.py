@@ -39,6 +39,7 @@ class TrainConfig:
     clip_steps: int = 700
     clip_batch: int = 128
     clip_phrase_weight: float = 1.0  # crops against every canonical phrase too: the scorer's own task
+    clip_phrase_from: int = 700  # the step it was switched on in the committed run (v1 trained without it)
     vae_steps: int = 2200
     vae_batch: int = 32
     unet_steps: int = 4600
@@ -247,7 +248,7 @@ def stage_clip(cfg: TrainConfig, budget: Budget) -> bool:
         images = torch.cat([D.to_tensor(scenes.images[si], CLIP_SIZE), D.to_tensor(crops.images[ci], CLIP_SIZE)])
         texts = [scenes.caption(i, rng) for i in si] + [crops.caption(i, rng) for i in ci]
         out = model(input_ids=_tokens(tok, texts, "longest"), pixel_values=images, return_loss=True)
-        if not cfg.clip_phrase_weight:
+        if not cfg.clip_phrase_weight or step < cfg.clip_phrase_from:
             return out.loss, {}
         # In-batch negatives rarely pit a red circle against a red star; the whole phrase set always does.
         labels = torch.tensor([phrase_index[(c, s) if c >= 0 else (-1, -1 - crops.backgrounds[i])]
