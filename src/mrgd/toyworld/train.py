@@ -36,13 +36,13 @@ class TrainConfig:
     threads: int = 2
     scenes: int = 24000
     crops: int = 16000
-    clip_steps: int = 700
+    clip_steps: int = 2200
     clip_batch: int = 128
     clip_phrase_weight: float = 1.0  # crops against every canonical phrase too: the scorer's own task
     clip_phrase_from: int = 700  # the step it was switched on in the committed run (v1 trained without it)
     vae_steps: int = 2200
     vae_batch: int = 32
-    unet_steps: int = 4600
+    unet_steps: int = 10000
     unet_batch: int = 32
     unet_crop_fraction: float = 0.4  # share of UNet steps on region-level crops (MultiDiffusion denoises crops)
     cfg_dropout: float = 0.1
