@@ -147,3 +147,19 @@ def test_refine_mapping_aligns_shared_tokens():
     mapper, alpha = refine_mapping([1, 5, 6, 2], [1, 5, 9, 9, 6, 2])
     assert mapper.tolist() == [0, 1, 2, 3, 2, 3]
     assert alpha.tolist() == [1, 1, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_guidance_input_size_is_read_from_the_saved_image_processor(tmp_path, kind):
+    """CLIPSeg rd64 feeds 352 px through a ViT-style processor; our family a CLIP-style one (transformers 5 hands
+    back a SizeDict, not a dict)."""
+    from transformers import CLIPImageProcessor, ViTImageProcessor
+
+    from mrgd.models import _processor_size
+
+    if kind == "clip":
+        CLIPImageProcessor(size={"shortest_edge": 96}, crop_size={"height": 96, "width": 96}).save_pretrained(tmp_path)
+    else:
+        ViTImageProcessor(size={"height": 352, "width": 352}).save_pretrained(tmp_path)
+    assert _processor_size(tmp_path) == (96 if kind == "clip" else 352)
+    assert _processor_size(tmp_path / "missing") is None

@@ -87,9 +87,12 @@ def _processor_size(folder: Path) -> int | None:
         size = AutoImageProcessor.from_pretrained(str(folder)).size
     except Exception:  # no processor saved: fall back to the vision config's size
         return None
+    if isinstance(size, int):
+        return size
     if isinstance(size, dict):
         return size.get("height") or size.get("shortest_edge")
-    return size if isinstance(size, int) else None
+    # transformers 5 hands back a SizeDict object rather than a dict
+    return getattr(size, "height", None) or getattr(size, "shortest_edge", None)
 
 
 def _auxiliary(folder: Path, guidance_model: str | None, dtype: torch.dtype):
