@@ -48,7 +48,7 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     unet_grounding_weight: float = 0.01  # token-grounding loss on cross-attention (grounding.py), scenes only
     unet_grounding_from: int = 4600  # the step it was switched on in the committed run (v1 trained without it)
-    clipseg_steps: int = 1500
+    clipseg_steps: int = 2500
     clipseg_batch: int = 64
     clipseg_dice: float = 1.0  # soft Dice beside BCE: BCE alone left masks under-confident (IoU best at p > 0.2)
     clipseg_backbone_lr: float = 0.1  # the vision tower is tuned too, at this fraction of the decoder's rate
