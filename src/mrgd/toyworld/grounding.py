@@ -80,10 +80,13 @@ def grounding_loss(maps: list[torch.Tensor], labels: np.ndarray, targets: list[l
     if not rows or not maps:
         return maps[0].new_zeros(()) if maps else torch.zeros(())
     b, position, index = (torch.tensor(column) for column in zip(*rows))
+    masks_by_size: dict[int, torch.Tensor] = {}  # several layers share a resolution: pool the labels once each
     losses = []
     for layer in maps:
         size = int(round(layer.shape[1] ** 0.5))
-        masks = masks_at(labels, size)[b, index]  # [K, pixels]
+        if size not in masks_by_size:
+            masks_by_size[size] = masks_at(labels, size)[b, index]  # [K, pixels]
+        masks = masks_by_size[size]
         attention = layer[b, :, position]  # [K, pixels]
         inside = (attention * masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)
         losses.append((1 - inside).pow(2).mean())
