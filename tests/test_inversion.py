@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from mrgd.inversion import Inversion, ddim_invert, encode_image, invert, load_image
+from mrgd.errors import InputError
 from mrgd.layout import Edit
 
 
@@ -57,6 +58,11 @@ def test_null_text_beats_plain_inversion_and_round_trips(tiny_pipe, tmp_path):
     again = Inversion.load(path)
     assert torch.equal(again.z_T, inversion.z_T) and again.null_embeds.keys() == inversion.null_embeds.keys()
     assert again.null_embeds["ball"].shape[0] == edit.steps
+    assert again.region_context == edit.region_context
+    again.check(edit)
+    other = Edit.from_dict({**edit.to_dict(), "region_context": edit.region_context + 1})
+    with pytest.raises(InputError, match="region_context"):
+        again.check(other)
 
 
 def test_load_image_fits_and_refuses_non_images(tmp_path):

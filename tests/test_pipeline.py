@@ -118,17 +118,33 @@ def test_self_attention_replaced_only_at_low_levels():
 
 
 def test_equal_size_crops_share_unet_calls(tiny_pipe):
-    result = tiny_pipe.edit(_edit(method="multidiffusion"))
+    edit = Edit.from_dict({**THREE_REGION_EDIT, "region_context": 0, "mrgd": {"method": "multidiffusion"}})
+    result = tiny_pipe.edit(edit)
     steps = THREE_REGION_EDIT["steps"]
     # per step: one call for the 8x8 background (S and T), one for the padded 4x4 crops of every other region
     assert result.info["unet_calls"] == 2 * steps
     assert max(result.info["unet_batch_sizes"]) >= 8
 
 
+def test_region_context_windows_see_the_canvas(tiny_pipe):
+    """With context, a 4x4 box on an 8x8 canvas is denoised inside the whole canvas: one shared call per step,
+    and a different picture from the padded crop; a lone full-canvas background is unchanged (plain SD)."""
+    steps = THREE_REGION_EDIT["steps"]
+    with_context = tiny_pipe.edit(Edit.from_dict({**THREE_REGION_EDIT, "mrgd": {"method": "multidiffusion"}}))
+    assert with_context.info["unet_calls"] == steps
+    without = tiny_pipe.edit(Edit.from_dict({**THREE_REGION_EDIT, "region_context": 0,
+                                             "mrgd": {"method": "multidiffusion"}}))
+    assert not np.array_equal(np.asarray(with_context.target), np.asarray(without.target))
+    plain = {**THREE_REGION_EDIT, "regions": THREE_REGION_EDIT["regions"][:1], "mrgd": {"method": "multidiffusion"}}
+    a = tiny_pipe.edit(Edit.from_dict(plain))
+    b = tiny_pipe.edit(Edit.from_dict({**plain, "region_context": 0}))
+    assert np.array_equal(np.asarray(a.source), np.asarray(b.source))
+
+
 def test_generate_uncovered_pixels_use_global_prompt(tiny_pipe):
     from mrgd.layout import Layout
 
-    layout = Layout.from_dict({"size": [64, 64], "steps": 3, "prompt": "sky",
+    layout = Layout.from_dict({"size": [64, 64], "steps": 3, "prompt": "sky", "region_context": 0,
                                "regions": [{"id": "a", "box": [0.25, 0.25, 0.5, 0.5], "prompt": "a red circle"}]})
     result = tiny_pipe.generate(layout)
     assert result.info["unet_calls"] == 3 * 2  # the full-canvas fallback and the box

@@ -28,6 +28,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="override the file's seed")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="override the file's number of DDIM steps")]
+ContextOpt = Annotated[Optional[int], typer.Option("--region-context", help="override the file's region_context "
+                                                   "(latent pixels of canvas each region crop sees around its box)")]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="output folder")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite files that already exist in the output folder")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="allow pickle weights (.ckpt/.bin): only for files you trust")]
@@ -83,8 +85,8 @@ def _write_info(stage: Path, info: dict, extra: dict) -> None:
     (stage / "info.json").write_text(json.dumps({**info, **extra}, indent=2, default=str) + "\n")
 
 
-def _apply_overrides(edit, seed, steps, method=None):
-    update = {k: v for k, v in (("seed", seed), ("steps", steps)) if v is not None}
+def _apply_overrides(edit, seed, steps, method=None, region_context=None):
+    update = {k: v for k, v in (("seed", seed), ("steps", steps), ("region_context", region_context)) if v is not None}
     if method is not None:
         update["mrgd"] = {**edit.mrgd.model_dump(), "method": method}
     if not update:
@@ -99,6 +101,7 @@ def generate(
     layout_file: Annotated[Path, typer.Argument(help="layout file (.json/.yaml): regions with prompts, no target_prompt")],
     output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
     seed: SeedOpt = None, steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
+    region_context: ContextOpt = None,
 ) -> None:
     """Generate one image from a multi-region layout (MultiDiffusion). Writes image.png, layout.json, info.json."""
     from .layout import Edit, Layout
@@ -106,7 +109,7 @@ def generate(
 
     t0 = time.perf_counter()
     layout = Layout.load(layout_file)
-    edit = _apply_overrides(Edit.from_layout(layout), seed, steps)
+    edit = _apply_overrides(Edit.from_layout(layout), seed, steps, region_context=region_context)
     layout = edit.source()
     with _staged_output(output, ["image.png", "layout.json", "info.json"], force) as stage:
         pipe = _load_pipe(model, device, dtype, allow_pickle)
@@ -126,6 +129,7 @@ def edit(
     output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
     method: Annotated[Optional[str], typer.Option("--method", help="multidiffusion | p2p | mrgd")] = None,
     seed: SeedOpt = None, steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
+    region_context: ContextOpt = None,
     keywords: Annotated[Optional[int], typer.Option("--keywords", help="keywords kept per region (0: no selection)")] = None,
     no_kssa: Annotated[bool, typer.Option("--no-kssa", help="turn keyword-selected self-attention off")] = False,
     no_total: Annotated[bool, typer.Option("--no-total", help="leave the full-canvas r_total region out")] = False,
@@ -145,7 +149,7 @@ def edit(
     t0 = time.perf_counter()
     if method is not None and method not in ("multidiffusion", "p2p", "mrgd"):
         raise InputError(f"--method: unknown method {method!r}; use multidiffusion, p2p or mrgd")
-    the_edit = _apply_overrides(Edit.load(edit_file), seed, steps, method)
+    the_edit = _apply_overrides(Edit.load(edit_file), seed, steps, method, region_context)
     switches = {"keywords": keywords, "lambda_rs": lambda_rs, "lambda_is": lambda_is, "lambda_ip": lambda_ip,
                 "guidance_every": guidance_every, "kssa": False if no_kssa else None,
                 "use_total": False if no_total else None, "guidance": False if no_guidance else None}
@@ -206,6 +210,7 @@ def invert(
     output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu",
     method: Annotated[Optional[str], typer.Option("--method", help="multidiffusion | p2p | mrgd")] = None,
     steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
+    region_context: ContextOpt = None,
     inner_steps: Annotated[int, typer.Option("--inner-steps", help="null-text Adam steps per DDIM step")] = 10,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="warn when the reconstruction is below this")] = 24.0,
     guidance_model: Annotated[Optional[str], typer.Option("--guidance-model")] = None,
@@ -220,7 +225,7 @@ def invert(
     t0 = time.perf_counter()
     if method is not None and method not in ("multidiffusion", "p2p", "mrgd"):
         raise InputError(f"--method: unknown method {method!r}; use multidiffusion, p2p or mrgd")
-    the_edit = _apply_overrides(Edit.load(edit_file), None, steps, method)
+    the_edit = _apply_overrides(Edit.load(edit_file), None, steps, method, region_context)
     image, message = load_image(image_file, the_edit.size)
     if message:
         typer.echo(f"note: {message}", err=True)

@@ -159,6 +159,34 @@ def needs_canvas_fallback(latent_hw: tuple[int, int], background_boxes: list[Lat
     return not bool(covered.all())
 
 
+def context_window(box: LatentBox, canvas_hw: tuple[int, int], multiple: int, margin: int = 0) -> LatentBox:
+    """The window the UNet denoises for ``box``: the box grown by ``margin`` latent pixels a side, then to the next
+    multiple of ``multiple``, centred on the box and shifted to lie inside the canvas (clipped where the canvas is
+    smaller; ``pad_to_multiple`` covers the rest).
+
+    Ours, not the research code's (method.md §2 pads a crop it cannot take): the extra rows are the canvas's real
+    latent rather than a replicated border, so the region's prompt sees what surrounds its box. Only the box's part
+    of the output is used.
+    """
+    canvas_h, canvas_w = canvas_hw
+
+    def grow(start: int, end: int, size: int) -> tuple[int, int]:
+        length = end - start + 2 * margin
+        length = min(-(-length // multiple) * multiple, size)
+        lo = start - (length - (end - start)) // 2
+        lo = min(max(lo, 0), size - length)
+        return lo, lo + length
+
+    y0, y1 = grow(box.y0, box.y1, canvas_h)
+    x0, x1 = grow(box.x0, box.x1, canvas_w)
+    return LatentBox(y0=y0, y1=y1, x0=x0, x1=x1)
+
+
+def within(box: LatentBox, window: LatentBox) -> tuple:
+    """Index of ``box`` inside a tensor that holds ``window`` (last two dims)."""
+    return (Ellipsis, slice(box.y0 - window.y0, box.y1 - window.y0), slice(box.x0 - window.x0, box.x1 - window.x0))
+
+
 def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
     """Pad the last two dims at the bottom/right up to the next multiple (method.md §2: crops the UNet
     cannot take are padded and cropped back). Returns the padded tensor and the original (h, w)."""

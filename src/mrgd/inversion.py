@@ -36,6 +36,7 @@ class Inversion:
     null_embeds: dict[str, torch.Tensor]  # region key -> [steps, L, D]
     losses: list[float]  # final null-text loss per step
     size: tuple[int, int] | None = None  # the edit's (W, H) it was inverted for
+    region_context: int | None = None  # the edit's region_context it was inverted with (None: older files)
 
     @property
     def steps(self) -> int:
@@ -49,6 +50,9 @@ class Inversion:
         if self.steps != edit.steps:
             raise InputError(f"--from-inversion: inverted with {self.steps} steps, the edit has {edit.steps}; "
                              f"pass --steps {self.steps} or invert again")
+        if self.region_context is not None and self.region_context != edit.region_context:
+            raise InputError(f"--from-inversion: inverted with region_context {self.region_context}, the edit has "
+                             f"{edit.region_context}; set region_context to {self.region_context} or invert again")
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -58,6 +62,8 @@ class Inversion:
         metadata = {"losses": ",".join(f"{x:.3e}" for x in self.losses)}
         if self.size is not None:
             metadata["size"] = f"{self.size[0]}x{self.size[1]}"
+        if self.region_context is not None:
+            metadata["region_context"] = str(self.region_context)
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
@@ -70,13 +76,14 @@ class Inversion:
                 metadata = f.metadata() or {}
                 losses = [float(x) for x in metadata.get("losses", "").split(",") if x]
                 size = tuple(int(v) for v in metadata["size"].split("x")) if "size" in metadata else None
+            context = int(metadata["region_context"]) if "region_context" in metadata else None
         except Exception as err:  # corrupt or foreign file
             raise InputError(f"--from-inversion: cannot read {path} ({type(err).__name__}); "
                              "give an inversion.safetensors written by `mrgd invert`") from None
         if "z_T" not in tensors:
             raise InputError(f"--from-inversion: {path} has no z_T; give a file written by `mrgd invert`")
         nulls = {k[5:]: v for k, v in tensors.items() if k.startswith("null/")}
-        return cls(tensors["z_T"], nulls, losses, size)
+        return cls(tensors["z_T"], nulls, losses, size, context)
 
     def null_embeds_for(self, images=(0, 1)) -> dict[tuple[int, str], torch.Tensor]:
         """The pipeline's `null_embeds`: the same region's ∅ in source and target (additions keep the empty prompt)."""
@@ -148,7 +155,8 @@ class _SourceSampler:
         return out
 
     def eps(self, jobs, latent: torch.Tensor, t: int, scale: float) -> list[torch.Tensor]:
-        return self.pipe._predict(jobs, {SOURCE: latent}, t, scale, self.state, {}, 0, self.edit.steps, "linear", self.info)
+        return self.pipe._predict(jobs, {SOURCE: latent}, t, scale, self.state, {}, 0, self.edit.steps, "linear", self.info,
+                               context=self.edit.region_context)
 
     def fuse(self, jobs, crops: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         return self.pipe._fuse(jobs, [(c, c) for c in crops], SOURCE, like)[0]
@@ -231,7 +239,7 @@ def optimise_null_text(pipe, edit: Edit, pivots: list[torch.Tensor], inner_steps
             if callback is not None:
                 callback({"step": k, "loss": losses[-1]})
     return Inversion(pivots[-1].detach().cpu(), {k: torch.stack(v).cpu() for k, v in nulls.items()}, losses,
-                     tuple(edit.size))
+                     tuple(edit.size), edit.region_context)
 
 
 def invert(pipe, image: Image.Image, edit: Edit, inner_steps: int = 10, callback=None) -> tuple[Inversion, list[float]]:

@@ -183,7 +183,7 @@ class MRGDPipeline:
                 jobs = [self._job(i, p, encoded, null_embeds, k) for i in images for p in plans[i] if k >= p.first_step]
                 with timer("unet"):
                     eps = self._predict(jobs, latents, t, edit.guidance_scale, state, follows_setup, k, steps,
-                                        settings.schedule, info, tracker)
+                                        settings.schedule, info, tracker, edit.region_context)
                     outputs = [ddim_step(latents[j.image][j.box.slices], e, alpha, alpha_prev) for j, e in zip(jobs, eps)]
                 with timer("fusion"):
                     fused = {i: self._fuse(jobs, outputs, i, latents[i]) for i in images}
@@ -293,13 +293,17 @@ class MRGDPipeline:
         return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask)
 
     def _predict(self, jobs: list[Job], latents, t, scale: float, state: AttentionState, setup, step: int,
-                 steps: int, schedule: str, info, tracker=None) -> list[torch.Tensor]:
+                 steps: int, schedule: str, info, tracker=None, context: int = 0) -> list[torch.Tensor]:
         """ε̂ of every crop. Equal padded sizes share one UNet call, rows [uncond..., cond...] (cond only when
         scale <= 1, as diffusers skips classifier-free guidance there)."""
         eps: list[Any] = [None] * len(jobs)
         cfg = scale > 1
-        # Crops of different sizes that pad to the same size share a call too: padding is per crop.
-        padded = [fusion.pad_to_multiple(latents[j.image][j.box.slices], self.unet_multiple)[0] for j in jobs]
+        # Each crop is denoised inside a window of real canvas around its box (fusion.context_window); windows
+        # of equal (padded) size share a call.
+        windows = [fusion.context_window(j.box, tuple(latents[j.image].shape[-2:]), self.unet_multiple, context)
+                   for j in jobs]
+        padded = [fusion.pad_to_multiple(latents[j.image][win.slices], self.unet_multiple)[0]
+                  for j, win in zip(jobs, windows)]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, crop in enumerate(padded):
             groups[tuple(crop.shape[-2:])].append(i)
@@ -320,7 +324,8 @@ class MRGDPipeline:
                 out = out_uncond + scale * (out_cond - out_uncond)
             for n, (i, job) in enumerate(zip(indices, group)):
                 crop = latents[job.image][job.box.slices]
-                eps[i] = to_epsilon(fusion.unpad(out[n : n + 1], job.box.size), crop,
+                window_out = fusion.unpad(out[n : n + 1], windows[i].size)[fusion.within(job.box, windows[i])]
+                eps[i] = to_epsilon(window_out, crop,
                                     self.scheduler.alphas_cumprod[t].to(crop), self.scheduler.config.prediction_type)
         return eps
 
