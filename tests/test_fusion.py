@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -281,22 +283,24 @@ def test_group_by_size():
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(8, 40), st.integers(8, 40), st.integers(0, 39), st.integers(0, 39), st.integers(1, 40),
-       st.integers(1, 40), st.sampled_from([1, 2, 4, 8]), st.integers(0, 8))
-def test_context_window_holds_the_box_inside_the_canvas(ch, cw, y0, x0, h, w, multiple, margin):
+       st.integers(1, 40), st.sampled_from([1, 2, 4, 8]), st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]))
+def test_context_window_holds_the_box_inside_the_canvas(ch, cw, y0, x0, h, w, multiple, context):
     y0, x0 = min(y0, ch - 1), min(x0, cw - 1)
     box = LatentBox(y0, min(y0 + h, ch), x0, min(x0 + w, cw))
-    win = context_window(box, (ch, cw), multiple, margin)
+    win = context_window(box, (ch, cw), multiple, context)
     assert 0 <= win.y0 <= box.y0 and box.y1 <= win.y1 <= ch
     assert 0 <= win.x0 <= box.x0 and box.x1 <= win.x1 <= cw
     for length, box_len, canvas in ((win.h, box.h, ch), (win.w, box.w, cw)):
-        # a multiple of the UNet's, unless the canvas itself is the limit; never more than one multiple of slack
+        # each side grows by ceil(context x length), then to a multiple, unless the canvas itself is the limit
+        grown = box_len + 2 * math.ceil(round(context * box_len, 6))
+        assert length == min(canvas, -(-grown // multiple) * multiple)
         assert length % multiple == 0 or length == canvas
-        assert length == min(canvas, -(-(box_len + 2 * margin) // multiple) * multiple)
     x = torch.randn(1, 2, ch, cw)
     assert torch.equal(x[win.slices][within(box, win)], x[box.slices])
 
 
 def test_context_window_centres_the_box_and_keeps_exact_crops():
     assert context_window(LatentBox(4, 8, 4, 8), (16, 16), 4) == LatentBox(4, 8, 4, 8)
-    assert context_window(LatentBox(4, 8, 4, 8), (16, 16), 4, margin=2) == LatentBox(2, 10, 2, 10)
-    assert context_window(LatentBox(0, 3, 13, 16), (16, 16), 4, margin=1) == LatentBox(0, 8, 8, 16)
+    assert context_window(LatentBox(4, 8, 4, 8), (16, 16), 4, context=0.5) == LatentBox(2, 10, 2, 10)
+    # 3 rows + 1 a side -> 8 rows, clamped at the top; 3 columns at the right edge -> shifted left
+    assert context_window(LatentBox(0, 3, 13, 16), (16, 16), 4, context=0.25) == LatentBox(0, 8, 8, 16)

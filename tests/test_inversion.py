@@ -60,7 +60,7 @@ def test_null_text_beats_plain_inversion_and_round_trips(tiny_pipe, tmp_path):
     assert again.null_embeds["ball"].shape[0] == edit.steps
     assert again.region_context == edit.region_context
     again.check(edit)
-    other = Edit.from_dict({**edit.to_dict(), "region_context": edit.region_context + 1})
+    other = Edit.from_dict({**edit.to_dict(), "region_context": edit.region_context + 0.25})
     with pytest.raises(InputError, match="region_context"):
         again.check(other)
 

@@ -28,8 +28,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="override the file's seed")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="override the file's number of DDIM steps")]
-ContextOpt = Annotated[Optional[int], typer.Option("--region-context", help="override the file's region_context "
-                                                   "(latent pixels of canvas each region crop sees around its box)")]
+ContextOpt = Annotated[Optional[float], typer.Option("--region-context", help="override the file's region_context "
+                                                     "(canvas each region crop sees around its box, x box side)")]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="output folder")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite files that already exist in the output folder")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="allow pickle weights (.ckpt/.bin): only for files you trust")]

@@ -159,18 +159,21 @@ def needs_canvas_fallback(latent_hw: tuple[int, int], background_boxes: list[Lat
     return not bool(covered.all())
 
 
-def context_window(box: LatentBox, canvas_hw: tuple[int, int], multiple: int, margin: int = 0) -> LatentBox:
-    """The window the UNet denoises for ``box``: the box grown by ``margin`` latent pixels a side, then to the next
-    multiple of ``multiple``, centred on the box and shifted to lie inside the canvas (clipped where the canvas is
-    smaller; ``pad_to_multiple`` covers the rest).
+def context_window(box: LatentBox, canvas_hw: tuple[int, int], multiple: int, context: float = 0.0) -> LatentBox:
+    """The window the UNet denoises for ``box``: each side grown by ceil(context × the box's length) latent pixels,
+    then to the next multiple of ``multiple``, centred on the box and shifted to lie inside the canvas (clipped
+    where the canvas is smaller; ``pad_to_multiple`` covers the rest).
 
     Ours, not the research code's (method.md §2 pads a crop it cannot take): the extra rows are the canvas's real
-    latent rather than a replicated border, so the region's prompt sees what surrounds its box. Only the box's part
-    of the output is used.
+    latent rather than a replicated border, so the region's prompt sees what surrounds its box. The growth is
+    relative to the box because a region prompt draws its object filling most of its window, as in the crops the
+    model learnt from: a window much larger than the box puts the object partly outside it. Only the box's part of
+    the output is used.
     """
     canvas_h, canvas_w = canvas_hw
 
     def grow(start: int, end: int, size: int) -> tuple[int, int]:
+        margin = math.ceil(round(context * (end - start), _ROUND_DECIMALS))
         length = end - start + 2 * margin
         length = min(-(-length // multiple) * multiple, size)
         lo = start - (length - (end - start)) // 2

@@ -36,7 +36,7 @@ class Inversion:
     null_embeds: dict[str, torch.Tensor]  # region key -> [steps, L, D]
     losses: list[float]  # final null-text loss per step
     size: tuple[int, int] | None = None  # the edit's (W, H) it was inverted for
-    region_context: int | None = None  # the edit's region_context it was inverted with (None: older files)
+    region_context: float | None = None  # the edit's region_context it was inverted with (None: older files)
 
     @property
     def steps(self) -> int:
@@ -76,7 +76,7 @@ class Inversion:
                 metadata = f.metadata() or {}
                 losses = [float(x) for x in metadata.get("losses", "").split(",") if x]
                 size = tuple(int(v) for v in metadata["size"].split("x")) if "size" in metadata else None
-            context = int(metadata["region_context"]) if "region_context" in metadata else None
+            context = float(metadata["region_context"]) if "region_context" in metadata else None
         except Exception as err:  # corrupt or foreign file
             raise InputError(f"--from-inversion: cannot read {path} ({type(err).__name__}); "
                              "give an inversion.safetensors written by `mrgd invert`") from None

@@ -226,9 +226,9 @@ class _Canvas(_Model):
     seed: Seed = 0
     steps: int = Field(20, ge=1, le=1000)
     guidance_scale: float = Field(7.0, ge=0)  # classifier-free guidance
-    # Latent pixels of real canvas each region's crop is denoised with around its box (fusion.context_window):
-    # with 0 a small box draws its own backdrop, a visible patch; 4 measured best on the shapes world.
-    region_context: int = Field(4, ge=0, le=64)
+    # Real canvas each region's crop is denoised with around its box, per side as a fraction of the box's length
+    # (fusion.context_window): with 0 a small box draws its own backdrop, a visible patch.
+    region_context: float = Field(0.5, ge=0, le=2)
 
     def _canvas(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _Canvas.model_fields}

@@ -293,7 +293,7 @@ class MRGDPipeline:
         return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask)
 
     def _predict(self, jobs: list[Job], latents, t, scale: float, state: AttentionState, setup, step: int,
-                 steps: int, schedule: str, info, tracker=None, context: int = 0) -> list[torch.Tensor]:
+                 steps: int, schedule: str, info, tracker=None, context: float = 0.0) -> list[torch.Tensor]:
         """ε̂ of every crop. Equal padded sizes share one UNet call, rows [uncond..., cond...] (cond only when
         scale <= 1, as diffusers skips classifier-free guidance there)."""
         eps: list[Any] = [None] * len(jobs)
