@@ -127,11 +127,13 @@ def test_equal_size_crops_share_unet_calls(tiny_pipe):
 
 
 def test_region_context_windows_see_the_canvas(tiny_pipe):
-    """With context, a 4x4 box on an 8x8 canvas is denoised inside the whole canvas: one shared call per step,
-    and a different picture from the padded crop; a lone full-canvas background is unchanged (plain SD)."""
+    """With context, a 4x4 box on an 8x8 canvas is denoised inside the whole canvas, sharing one call per step,
+    except the added region, whose object must fit its box: it keeps its 4x4 crop (a second call, the target's
+    uncond + cond rows only). The picture differs from padded crops'; a lone full-canvas background is unchanged."""
     steps = THREE_REGION_EDIT["steps"]
     with_context = tiny_pipe.edit(Edit.from_dict({**THREE_REGION_EDIT, "mrgd": {"method": "multidiffusion"}}))
-    assert with_context.info["unet_calls"] == steps
+    assert with_context.info["unet_calls"] == 2 * steps
+    assert sorted(set(with_context.info["unet_batch_sizes"]))[0] == 2
     without = tiny_pipe.edit(Edit.from_dict({**THREE_REGION_EDIT, "region_context": 0,
                                              "mrgd": {"method": "multidiffusion"}}))
     assert not np.array_equal(np.asarray(with_context.target), np.asarray(without.target))

@@ -43,6 +43,7 @@ class Job:
     cond: EncodedPrompt
     uncond: EncodedPrompt
     mask: torch.Tensor | None = None  # feather mask (foreground layer)
+    tight: bool = False  # an added region: its crop gets no context window (see _predict)
 
 
 @dataclass
@@ -290,7 +291,7 @@ class MRGDPipeline:
                 raise InputError(f"--from-inversion: region {plan.key!r} was inverted with a prompt of another "
                                  "chunk count; invert again with this edit's source prompts")
             uncond = dataclasses.replace(uncond, embeds=null)
-        return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask)
+        return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask, tight=plan.control == "added")
 
     def _predict(self, jobs: list[Job], latents, t, scale: float, state: AttentionState, setup, step: int,
                  steps: int, schedule: str, info, tracker=None, context: float = 0.0) -> list[torch.Tensor]:
@@ -299,9 +300,10 @@ class MRGDPipeline:
         eps: list[Any] = [None] * len(jobs)
         cfg = scale > 1
         # Each crop is denoised inside a window of real canvas around its box (fusion.context_window); windows
-        # of equal (padded) size share a call.
-        windows = [fusion.context_window(j.box, tuple(latents[j.image].shape[-2:]), self.unet_multiple, context)
-                   for j in jobs]
+        # of equal (padded) size share a call. An added object must fit its box (everything around it is kept),
+        # and a region prompt draws its object to fill its window, so added regions get no extra context.
+        windows = [fusion.context_window(j.box, tuple(latents[j.image].shape[-2:]), self.unet_multiple,
+                                         0.0 if j.tight else context) for j in jobs]
         padded = [fusion.pad_to_multiple(latents[j.image][win.slices], self.unet_multiple)[0]
                   for j, win in zip(jobs, windows)]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
