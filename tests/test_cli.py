@@ -57,10 +57,10 @@ def test_generate(capsys, tmp_path, tiny_model_dir):
 
     path.write_text(yaml.safe_dump(layout))
     code, out, err = run(capsys, "generate", path, "-o", tmp_path / "g", "--model", tiny_model_dir, "--steps", "3",
-                         "--region-context", "0")
+                         "--region-context", "0.5")
     assert code == 0, err
     config = read_png_config(tmp_path / "g" / "image.png")
-    assert config["steps"] == 3 and config["region_context"] == 0
+    assert config["steps"] == 3 and config["region_context"] == 0.5
     code, out, err = run(capsys, "generate", path, "-o", tmp_path / "h", "--model", tiny_model_dir,
                          "--region-context", "-1")
     assert code == 2 and "region_context" in err and not (tmp_path / "h" / "image.png").exists()

@@ -131,14 +131,15 @@ def test_region_context_windows_see_the_canvas(tiny_pipe):
     except the added region, whose object must fit its box: it keeps its 4x4 crop (a second call, the target's
     uncond + cond rows only). The picture differs from padded crops'; a lone full-canvas background is unchanged."""
     steps = THREE_REGION_EDIT["steps"]
-    with_context = tiny_pipe.edit(Edit.from_dict({**THREE_REGION_EDIT, "mrgd": {"method": "multidiffusion"}}))
+    with_context = tiny_pipe.edit(Edit.from_dict({**THREE_REGION_EDIT, "region_context": 0.5,
+                                                  "mrgd": {"method": "multidiffusion"}}))
     assert with_context.info["unet_calls"] == 2 * steps
     assert sorted(set(with_context.info["unet_batch_sizes"]))[0] == 2
     without = tiny_pipe.edit(Edit.from_dict({**THREE_REGION_EDIT, "region_context": 0,
                                              "mrgd": {"method": "multidiffusion"}}))
     assert not np.array_equal(np.asarray(with_context.target), np.asarray(without.target))
     plain = {**THREE_REGION_EDIT, "regions": THREE_REGION_EDIT["regions"][:1], "mrgd": {"method": "multidiffusion"}}
-    a = tiny_pipe.edit(Edit.from_dict(plain))
+    a = tiny_pipe.edit(Edit.from_dict({**plain, "region_context": 0.5}))
     b = tiny_pipe.edit(Edit.from_dict({**plain, "region_context": 0}))
     assert np.array_equal(np.asarray(a.source), np.asarray(b.source))
 

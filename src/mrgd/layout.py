@@ -227,8 +227,10 @@ class _Canvas(_Model):
     steps: int = Field(20, ge=1, le=1000)
     guidance_scale: float = Field(7.0, ge=0)  # classifier-free guidance
     # Real canvas each region's crop is denoised with around its box, per side as a fraction of the box's length
-    # (fusion.context_window): with 0 a small box draws its own backdrop, a visible patch.
-    region_context: float = Field(0.5, ge=0, le=2)
+    # (fusion.context_window). 0 still grows a crop to the UNet's multiple with real canvas, not a replicated
+    # border; wider windows remove backdrop rectangles but let objects outgrow their boxes
+    # (benchmarks/results/region-context.md).
+    region_context: float = Field(0.0, ge=0, le=2)
 
     def _canvas(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _Canvas.model_fields}
