@@ -48,3 +48,25 @@ def test_loss_is_zero_inside_the_mask_and_grows_outside():
     background = grounding.grounding_loss([inside], labels, [[(2, 0)]])
     assert background.item() == pytest.approx(0.25 ** 2, rel=1e-5)
     assert grounding.grounding_loss([inside], labels, [[]]).item() == 0.0
+
+
+def test_diffuse_positions_are_the_words_that_name_nothing(tiny_components):
+    tok = tiny_components["tokenizer"]
+    caption = "masterpiece, a red circle and a blue star on grass, 8k"
+    tokens = tok.tokenize(caption)
+    named = [tokens[p - 1].replace("</w>", "") for p in grounding.diffuse_positions(tok, caption)]
+    words = [t.replace("</w>", "") for t in tokens if t.replace("</w>", "") not in {",", "red", "circle", "blue", "star", "grass"}]
+    assert named == words
+    assert "," not in named and "masterpiece" in "".join(named) and "and" in named
+
+
+def test_diffuse_loss_is_zero_for_uniform_maps_and_one_for_a_single_pixel():
+    maps = torch.zeros(2, 16, 3)
+    maps[:, :, 1] = 1 / 16  # token 1 uniform
+    maps[:, 5, 2] = 1.0  # token 2 on one pixel
+    assert grounding.diffuse_loss([maps], [[1], [1]]).item() == pytest.approx(0.0, abs=1e-6)
+    assert grounding.diffuse_loss([maps], [[2], []]).item() == pytest.approx(1.0, abs=1e-6)
+    half = torch.zeros(1, 16, 2)
+    half[0, :8, 1] = 1 / 8  # half the pixels: log 8 / log 16 of the way
+    assert grounding.diffuse_loss([half], [[1]]).item() == pytest.approx(1 - 3 / 4, rel=1e-5)
+    assert grounding.diffuse_loss([maps], [[], []]).item() == 0.0

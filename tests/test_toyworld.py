@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from mrgd.toyworld.world import BACKGROUNDS, COLORS, QUALITY_WORDS, SHAPES, caption_scene, make_scene, word_roles
+from mrgd.toyworld.world import BACKGROUNDS, COLORS, QUALITY_WORDS, SHAPES, caption_layout, caption_scene, make_scene, word_roles
 
 
 def test_scenes_are_seeded_and_carry_ground_truth():
@@ -37,6 +37,19 @@ def test_captions_name_objects_and_quality_words_are_independent():
     roles = dict(word_roles("masterpiece, a red circle on grass"))
     assert roles == {"masterpiece": "quality", "a": "filler", "red": "color", "circle": "object", "on": "filler",
                      "grass": "background"}
+
+
+def test_layout_captions_put_the_background_first_and_objects_in_scene_order():
+    rng = np.random.default_rng(1)
+    scene = make_scene(rng, n_objects=3)
+    texts = [caption_layout(scene, rng) for _ in range(200)]
+    for text in texts:
+        named = [w for w, role in word_roles(text) if role in ("background", "object")]
+        shapes = [o.shape for o in scene.objects]
+        assert named in (shapes, [scene.background] + shapes), text
+        assert " and " not in text
+    assert 0.6 < sum(t.split(", ")[0] == scene.background for t in texts) / len(texts) < 0.95
+    assert any(t.split(", ")[0] in QUALITY_WORDS for t in texts)
 
 
 def test_tokenizer_is_rebuilt_identically(tmp_path, tokenizer_dir):

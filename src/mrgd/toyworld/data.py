@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, SHAPES, caption_scene, make_background_crop, make_object_crop, make_scene, pad_with_quality
+from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, SHAPES, caption_layout, caption_scene, make_background_crop, make_object_crop, make_scene, pad_with_quality
 
 
 @dataclass
@@ -24,11 +24,15 @@ class ScenePool:
     backgrounds: np.ndarray  # N, index into BACKGROUNDS
     objects: np.ndarray  # N x 3 x 2 (color index, shape index), -1 where absent
 
-    def caption(self, i: int, rng: np.random.Generator) -> str:
+    def caption(self, i: int, rng: np.random.Generator, p_layout: float = 0.0) -> str:
+        """A sentence caption, or with probability `p_layout` the comma-joined parts a layout's r_total has."""
         from .world import Scene, ShapeObject
 
         objs = [ShapeObject(list(COLORS)[c], SHAPES[s], (0, 0, 0, 0), None) for c, s in self.objects[i] if c >= 0]
-        return caption_scene(Scene(None, BACKGROUNDS[self.backgrounds[i]], objs), rng)
+        scene = Scene(None, BACKGROUNDS[self.backgrounds[i]], objs)
+        if p_layout and rng.random() < p_layout:
+            return caption_layout(scene, rng)
+        return caption_scene(scene, rng)
 
 
 @dataclass

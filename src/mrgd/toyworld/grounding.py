@@ -5,10 +5,16 @@ Stable Diffusion's cross-attention maps put an object word's attention on the ob
 does not: its maps stay nearly flat (benchmarks/results/keywords.md, model v1). So, as TokenCompose (Wang et al.,
 CVPR 2024) does for SD, the toy UNet is also taught, on whole scenes, that the attention of each colour, shape and
 background word falls inside that thing's ground-truth mask: L = mean over (word, layer) of (1 − Σ_mask A / Σ A)².
-Quality words get no term: whatever their maps become is what keyword selection has to cope with.
+Quality words got no term up to step 12600, and their maps came out as focused as object words' (a quality word after
+an object phrase carries that object through the causal text encoder), so keyword selection could not tell them
+apart (precision 0.68, benchmarks/results/keywords.md). SD's quality words spread their attention over the whole
+picture, which is what the paper's entropy rule rests on; the toy UNet is taught that too: `diffuse_loss` pushes
+the map of every word that names nothing (quality words, "a", "and") towards uniform.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -90,4 +96,32 @@ def grounding_loss(maps: list[torch.Tensor], labels: np.ndarray, targets: list[l
         attention = layer[b, :, position]  # [K, pixels]
         inside = (attention * masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)
         losses.append((1 - inside).pow(2).mean())
+    return torch.stack(losses).mean()
+
+
+def diffuse_positions(tokenizer, caption: str) -> list[int]:
+    """Token positions (BOS at 0) of the caption's words that name nothing in the picture: every word token that is
+    not a colour, shape or background (quality words and fillers). Punctuation is left alone: like EOS and padding,
+    it is where attention may rest."""
+    grounded = {position for position, _ in word_targets(tokenizer, caption)}
+    return [position for position, token in enumerate(tokenizer.tokenize(caption), start=1)
+            if position not in grounded and any(ch.isalnum() for ch in token.replace("</w>", ""))]
+
+
+def diffuse_loss(maps: list[torch.Tensor], positions: list[list[int]]) -> torch.Tensor:
+    """mean (1 − H(p) / log P) over the given tokens and recorded layers, p a token's map read as a distribution
+    over the P pixels: 0 for a uniform map, 1 for a map on one pixel.
+
+    `maps[l]` is [B, pixels, tokens]; `positions[b]` are row b's tokens.
+    """
+    rows = [(b, position) for b, ps in enumerate(positions) for position in ps]
+    if not rows or not maps:
+        return maps[0].new_zeros(()) if maps else torch.zeros(())
+    b, position = (torch.tensor(column) for column in zip(*rows))
+    losses = []
+    for layer in maps:
+        attention = layer[b, :, position]  # [K, pixels]
+        p = attention / attention.sum(-1, keepdim=True).clamp_min(1e-8)
+        entropy = -torch.special.xlogy(p, p).sum(-1)
+        losses.append((1 - entropy / math.log(p.shape[-1])).mean())
     return torch.stack(losses).mean()

@@ -48,6 +48,12 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     unet_grounding_weight: float = 0.01  # token-grounding loss on cross-attention (grounding.py), scenes only
     unet_grounding_from: int = 4600  # the step it was switched on in the committed run (v1 trained without it)
+    # From this step on (v3): grounding weighs unet_grounding_weight_late, words that name nothing are pushed towards
+    # uniform maps (grounding.diffuse_loss), and some scene captions are written as r_total writes a layout.
+    unet_keywords_from: int = 12600
+    unet_grounding_weight_late: float = 0.05
+    unet_diffuse_weight: float = 0.5
+    unet_layout_captions: float = 0.3
     clipseg_steps: int = 2500
     clipseg_batch: int = 64
     clipseg_dice: float = 1.0  # soft Dice beside BCE: BCE alone left masks under-confident (IoU best at p > 0.2)
@@ -344,6 +350,7 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
     ], lr=5e-4, weight_decay=0.01)
 
     def step_fn(rng, step):
+        late = step >= cfg.unet_keywords_from
         if rng.random() < cfg.unet_crop_fraction:
             key = "crops96" if rng.random() < 0.5 else "crops64"
             idx = rng.integers(0, len(crops.images), cfg.unet_batch)
@@ -351,7 +358,7 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
         else:
             key = "scenes"
             idx = rng.integers(0, len(scenes.images), cfg.unet_batch)
-            texts = [scenes.caption(i, rng) for i in idx]
+            texts = [scenes.caption(i, rng, cfg.unet_layout_captions if late else 0.0) for i in idx]
         texts = ["" if rng.random() < cfg.cfg_dropout else t for t in texts]
         mean, std = lat[key][0][idx].float(), lat[key][1][idx].float()
         x0 = (mean + std * torch.randn_like(std)) * scale
@@ -362,11 +369,15 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
         cond = text(_tokens(tok, texts)).last_hidden_state
         maps.clear()
         pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        loss, extras = F.mse_loss(pred, noise), {"kind": key}
+        if late and cfg.unet_diffuse_weight:  # crops too: no masks needed to spread a map
+            diffuse = grounding.diffuse_loss(maps, [grounding.diffuse_positions(tok, x) for x in texts])
+            loss, extras["diffuse"] = loss + cfg.unet_diffuse_weight * diffuse, round(diffuse.item(), 4)
         if key != "scenes" or not cfg.unet_grounding_weight or step < cfg.unet_grounding_from:
-            return loss, {"kind": key}
+            return loss, extras
         ground = grounding.grounding_loss(maps, scenes.labels[idx], [grounding.word_targets(tok, x) for x in texts])
-        return loss + cfg.unet_grounding_weight * ground, {"kind": key, "grounding": round(ground.item(), 4)}
+        weight = cfg.unet_grounding_weight_late if late else cfg.unet_grounding_weight
+        return loss + weight * ground, extras | {"grounding": round(ground.item(), 4)}
 
     if not _loop(cfg, "unet", cfg.unet_steps, {"unet": unet, "text": text}, opt, 5e-4, step_fn, budget,
                  ema=ema, ema_source=unet, save_every=200):

@@ -223,6 +223,16 @@ def caption_scene(scene: Scene, rng: np.random.Generator, p_background: float = 
     return pad_with_quality(text, rng, p_quality)
 
 
+def caption_layout(scene: Scene, rng: np.random.Generator, p_background: float = 0.8, p_quality: float = 0.3) -> str:
+    """'grass, masterpiece, a red circle, a blue star, 8k': the scene written as r_total writes a layout (method.md
+    §1): the background first, then each object's phrase, comma-joined, each part padded with quality words on its own.
+    """
+    parts = [o.phrase for o in scene.objects]
+    if rng.random() < p_background:
+        parts.insert(0, scene.background)
+    return ", ".join(pad_with_quality(part, rng, p_quality) for part in parts)
+
+
 def word_roles(text: str) -> list[tuple[str, str]]:
     """Each word of a caption with its role: object, color, background, quality or filler."""
     quality = {w for q in QUALITY_WORDS for w in q.split()}
