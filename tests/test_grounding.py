@@ -70,3 +70,17 @@ def test_diffuse_loss_is_zero_for_uniform_maps_and_one_for_a_single_pixel():
     half[0, :8, 1] = 1 / 8  # half the pixels: log 8 / log 16 of the way
     assert grounding.diffuse_loss([half], [[1]]).item() == pytest.approx(1 - 3 / 4, rel=1e-5)
     assert grounding.diffuse_loss([maps], [[], []]).item() == 0.0
+
+
+def test_relative_grounding_scores_a_uniform_map_one_whatever_the_mask():
+    labels = np.zeros((1, 4, 4), np.uint8)
+    labels[0, :2, :2] = 1  # object 0: a quarter; the background: three quarters
+    uniform = torch.full((1, 16, 2), 1 / 16)
+    for index in (0, 1):
+        loss = grounding.grounding_loss([uniform], labels, [[(1, index)]], relative=True)
+        assert loss.item() == pytest.approx(1.0, rel=1e-5)
+    plain = grounding.grounding_loss([uniform], labels, [[(1, 0)]])
+    assert plain.item() == pytest.approx(0.25 ** 2, rel=1e-5)
+    inside = torch.zeros(1, 16, 2)
+    inside[0, labels[0].flatten() == 0, 1] = 1 / 12  # exactly on the background
+    assert grounding.grounding_loss([inside], labels, [[(1, 0)]], relative=True).item() == pytest.approx(0, abs=1e-6)

@@ -48,8 +48,9 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     unet_grounding_weight: float = 0.01  # token-grounding loss on cross-attention (grounding.py), scenes only
     unet_grounding_from: int = 4600  # the step it was switched on in the committed run (v1 trained without it)
-    # From this step on (v3): grounding weighs unet_grounding_weight_late, words that name nothing are pushed towards
-    # uniform maps (grounding.diffuse_loss), and some scene captions are written as r_total writes a layout.
+    # From this step on (v3): grounding weighs unet_grounding_weight_late and is relative to a uniform map (so
+    # background words count as much as object words), words that name nothing are pushed towards uniform maps
+    # (grounding.diffuse_loss), and some scene captions are written as r_total writes a layout.
     unet_keywords_from: int = 12600
     unet_grounding_weight_late: float = 0.05
     unet_diffuse_weight: float = 0.5
@@ -375,7 +376,8 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
             loss, extras["diffuse"] = loss + cfg.unet_diffuse_weight * diffuse, round(diffuse.item(), 4)
         if key != "scenes" or not cfg.unet_grounding_weight or step < cfg.unet_grounding_from:
             return loss, extras
-        ground = grounding.grounding_loss(maps, scenes.labels[idx], [grounding.word_targets(tok, x) for x in texts])
+        ground = grounding.grounding_loss(maps, scenes.labels[idx], [grounding.word_targets(tok, x) for x in texts],
+                                          relative=late)
         weight = cfg.unet_grounding_weight_late if late else cfg.unet_grounding_weight
         return loss + weight * ground, extras | {"grounding": round(ground.item(), 4)}
 
