@@ -84,3 +84,12 @@ def test_relative_grounding_scores_a_uniform_map_one_whatever_the_mask():
     inside = torch.zeros(1, 16, 2)
     inside[0, labels[0].flatten() == 0, 1] = 1 / 12  # exactly on the background
     assert grounding.grounding_loss([inside], labels, [[(1, 0)]], relative=True).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_positions_stop_where_the_tokenizer_truncates(tiny_components):
+    tok = tiny_components["tokenizer"]
+    caption = ", ".join(["masterpiece, a red circle"] * 30)  # far past 77 tokens
+    limit = tok.model_max_length - 2
+    assert max(grounding.diffuse_positions(tok, caption)) <= limit
+    assert max(p for p, _ in grounding.word_targets(tok, caption)) <= limit
+    assert len(tok.tokenize(caption)) > limit

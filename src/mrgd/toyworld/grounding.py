@@ -55,10 +55,11 @@ def word_targets(tokenizer, caption: str) -> list[tuple[int, int]]:
     """(token position, mask index) per grounded word: 0 the background, j + 1 the caption's j-th object.
 
     Objects are named in scene order ("a red circle and a blue star"), so the k-th colour and k-th shape word
-    belong to object k. Token positions count the BOS at 0, as in the encoded prompt.
+    belong to object k. Token positions count the BOS at 0, as in the encoded prompt; words the tokenizer's
+    truncation cuts off (past model_max_length − 2 tokens) have none.
     """
     targets, colors, shapes = [], 0, 0
-    for position, token in enumerate(tokenizer.tokenize(caption), start=1):
+    for position, token in _kept(tokenizer, caption):
         word = token.replace("</w>", "")
         if word in COLORS:
             colors += 1
@@ -111,8 +112,14 @@ def diffuse_positions(tokenizer, caption: str) -> list[int]:
     not a colour, shape or background (quality words and fillers). Punctuation is left alone: like EOS and padding,
     it is where attention may rest."""
     grounded = {position for position, _ in word_targets(tokenizer, caption)}
-    return [position for position, token in enumerate(tokenizer.tokenize(caption), start=1)
+    return [position for position, token in _kept(tokenizer, caption)
             if position not in grounded and any(ch.isalnum() for ch in token.replace("</w>", ""))]
+
+
+def _kept(tokenizer, caption: str) -> list[tuple[int, str]]:
+    """(position, token) of the caption's tokens that survive truncation to model_max_length (BOS and EOS kept)."""
+    tokens = tokenizer.tokenize(caption)[: tokenizer.model_max_length - 2]
+    return list(enumerate(tokens, start=1))
 
 
 def diffuse_loss(maps: list[torch.Tensor], positions: list[list[int]]) -> torch.Tensor:
