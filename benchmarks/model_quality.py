@@ -56,17 +56,22 @@ def clip_logits(pipe, crops: list[np.ndarray], texts: list[str]) -> torch.Tensor
     return F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
 
 
-def text_control(pipe, n: int) -> dict:
+def text_control(pipe, n: int, feather: float | None = None, region_context: float | None = None) -> dict:
+    """Shape, colour and background right on n seeded layouts; `feather` / `region_context` override the defaults
+    (benchmarks/layout_sweep.py), None keeps them."""
     rng = np.random.default_rng(HELDOUT_SEED + 1)
+    obj_extra = {} if feather is None else {"feather": feather}
+    canvas_extra = {} if region_context is None else {"region_context": region_context}
     right = {"colour": 0, "background": 0, "shape": 0}
     examples = []
     for i in range(n):
         colour, shape, bg = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(BACKGROUNDS)
         side = rng.uniform(0.4, 0.55)
         x, y = rng.uniform(0, 1 - side, 2)
-        layout = Layout.from_dict({"size": [128, 128], "seed": int(rng.integers(1 << 30)), "regions": [
+        layout = Layout.from_dict({"size": [128, 128], "seed": int(rng.integers(1 << 30)), **canvas_extra, "regions": [
             {"id": "bg", "kind": "background", "box": [0, 0, 1, 1], "prompt": str(bg)},
-            {"id": "obj", "box": [float(x), float(y), float(side), float(side)], "prompt": f"a {colour} {shape}"}]})
+            {"id": "obj", "box": [float(x), float(y), float(side), float(side)], "prompt": f"a {colour} {shape}",
+             **obj_extra}]})
         image = np.asarray(pipe.generate(layout).image)
         x0, y0, x1, y1 = box_pixels((x, y, side, side), (128, 128))
         crop = image[y0:y1, x0:x1]

@@ -84,6 +84,12 @@ Size = Annotated[
     AfterValidator(_check_size),
 ]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+# Feather ratio ρ of a foreground box (method.md §2). The research code's 0.2 leaves a box of fewer than 10 latent
+# pixels unfeathered, and its region prompt then paints its own backdrop up to the box's edge: a visible rectangle,
+# read as a square (text control on shapes-v3: shape right 0.73). 0.4 hands the box's rim to the background path
+# and the object keeps its shape (0.83, colour 1.00; 0.6: 0.77; 1.0 fades the object away). See
+# benchmarks/results/feather.md.
+DEFAULT_FEATHER = 0.4
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
@@ -128,7 +134,10 @@ class Settings(_Model):
     kssa: bool = True  # keyword-selected self-attention (§5)
     kssa_scale: float = Field(1.5, gt=0)  # logit scale of the selected key columns
     keyword_steps: tuple[Annotated[int, Field(ge=1)], ...] = (10, 5)  # select keywords at steps k = N-10, N-5
-    keyword_entropy: Literal["histogram", "spatial"] = "histogram"  # §4's histogram, or over pixels (ours)
+    # How a keyword map is scored (keywords.py): entropy over pixels (ours, the default) or §4's 256-level histogram,
+    # which scores a uniform map ~0 bits, as if it marked one object: on shapes-v3, whose filler words attend
+    # uniformly as SD's do, histogram precision is 0.77 and spatial 1.00 (benchmarks/results/keywords*.md).
+    keyword_entropy: Literal["histogram", "spatial"] = "spatial"
     guidance: bool = True  # multi-region guidance (§6)
     # Re-tuned for our gradient (w.r.t. x̂0, Φ differentiable): the research code's 1000 / 2000 for L_RS / L_IS
     # wrecked pictures on shapes-v1; see benchmarks/results/guidance_tuning_rs_is.md.
@@ -165,7 +174,7 @@ class Region(_Model):
     negative_prompt: str = ""
     keywords: list[str] = Field(default_factory=list)  # user keywords, added to the selected ones for guidance
     keyword_count: int | None = Field(None, ge=0)  # N_k for this region; None: the edit's mrgd.keywords
-    feather: Fraction = 0.2
+    feather: Fraction = DEFAULT_FEATHER
     seed: Seed | None = None  # own noise for the box; None: the global noise
 
     @model_validator(mode="after")
@@ -211,7 +220,7 @@ class LayoutRegion(_Model):
     negative_prompt: str = ""
     keywords: list[str] = Field(default_factory=list)
     keyword_count: int | None = Field(None, ge=0)
-    feather: Fraction = 0.2
+    feather: Fraction = DEFAULT_FEATHER
     seed: Seed | None = None
 
 
