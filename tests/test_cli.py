@@ -70,6 +70,7 @@ def test_generate(capsys, tmp_path, tiny_model_dir):
     (["edit", "missing.json"], "missing.json"),
     (["edit", "{edit}", "--method", "nope"], "--method"),
     (["edit", "{edit}", "--dtype", "float8"], "--dtype"),
+    (["edit", "{edit}", "--keyword-entropy", "kl"], "--keyword-entropy"),
     (["edit", "{edit}", "--model", "{tmp}/weights.ckpt"], "--model"),
     (["edit", "{edit}", "--model", "{tmp}"], "--model"),
     (["edit", "{bad}"], "regions[0].box"),
@@ -111,7 +112,8 @@ def test_import_webui(capsys, tmp_path):
 
 def test_edit_explain_writes_keywords_and_masks(capsys, tmp_path, edit_file, tiny_model_dir):
     code, out, err = run(capsys, "edit", edit_file, "-o", tmp_path / "x", "--model", tiny_model_dir,
-                         "--method", "mrgd", "--steps", "12", "--keywords", "2", "--guidance-every", "4", "--explain")
+                         "--method", "mrgd", "--steps", "12", "--keywords", "2", "--guidance-every", "4", "--explain",
+                         "--keyword-entropy", "histogram")
     assert code == 0, err
     for name in ("keywords.json", "keywords.png", "masks.png", "metrics.png"):
         assert (tmp_path / "x" / name).exists(), name
@@ -125,6 +127,7 @@ def test_edit_explain_writes_keywords_and_masks(capsys, tmp_path, edit_file, tin
             assert [w["entropy"] for w in chosen] == sorted(w["entropy"] for w in chosen)
     resolved = json.loads((tmp_path / "x" / "edit.json").read_text())
     assert resolved["mrgd"]["keywords"] == 2 and resolved["mrgd"]["guidance_every"] == 4
+    assert resolved["mrgd"]["keyword_entropy"] == "histogram"
 
 
 def test_invert_then_edit_from_inversion(capsys, tmp_path, tiny_model_dir):

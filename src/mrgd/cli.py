@@ -131,6 +131,8 @@ def edit(
     seed: SeedOpt = None, steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
     region_context: ContextOpt = None,
     keywords: Annotated[Optional[int], typer.Option("--keywords", help="keywords kept per region (0: no selection)")] = None,
+    keyword_entropy: Annotated[Optional[str], typer.Option(
+        "--keyword-entropy", help="how keyword maps are scored: spatial (over pixels) | histogram (method.md §4)")] = None,
     no_kssa: Annotated[bool, typer.Option("--no-kssa", help="turn keyword-selected self-attention off")] = False,
     no_total: Annotated[bool, typer.Option("--no-total", help="leave the full-canvas r_total region out")] = False,
     no_guidance: Annotated[bool, typer.Option("--no-guidance", help="turn multi-region guidance off")] = False,
@@ -149,8 +151,10 @@ def edit(
     t0 = time.perf_counter()
     if method is not None and method not in ("multidiffusion", "p2p", "mrgd"):
         raise InputError(f"--method: unknown method {method!r}; use multidiffusion, p2p or mrgd")
+    if keyword_entropy is not None and keyword_entropy not in ("spatial", "histogram"):
+        raise InputError(f"--keyword-entropy: unknown rule {keyword_entropy!r}; use spatial or histogram")
     the_edit = _apply_overrides(Edit.load(edit_file), seed, steps, method, region_context)
-    switches = {"keywords": keywords, "lambda_rs": lambda_rs, "lambda_is": lambda_is, "lambda_ip": lambda_ip,
+    switches = {"keywords": keywords, "keyword_entropy": keyword_entropy, "lambda_rs": lambda_rs, "lambda_is": lambda_is, "lambda_ip": lambda_ip,
                 "guidance_every": guidance_every, "kssa": False if no_kssa else None,
                 "use_total": False if no_total else None, "guidance": False if no_guidance else None}
     switches = {k: v for k, v in switches.items() if v is not None}
