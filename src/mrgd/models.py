@@ -12,7 +12,7 @@ import torch
 
 from .errors import InputError
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes-v2"
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes-v3"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

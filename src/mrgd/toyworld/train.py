@@ -42,7 +42,7 @@ class TrainConfig:
     clip_phrase_from: int = 700  # the step it was switched on in the committed run (v1 trained without it)
     vae_steps: int = 2200
     vae_batch: int = 32
-    unet_steps: int = 10000
+    unet_steps: int = 15600
     unet_batch: int = 32
     unet_crop_fraction: float = 0.4  # share of UNet steps on region-level crops (MultiDiffusion denoises crops)
     cfg_dropout: float = 0.1
