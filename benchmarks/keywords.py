@@ -28,27 +28,31 @@ from mrgd.models import DEFAULT_MODEL, load_pipeline
 from mrgd.toyworld.world import BACKGROUNDS, COLORS, QUALITY_WORDS, SHAPES, word_roles
 
 RIGHT = ("object", "color", "background")
+# Filler words the embedded model never saw in training (its captions use QUALITY_WORDS): --filler held-out asks
+# whether "names nothing" generalises beyond the words the UNet was taught to spread.
+HELD_OUT_FILLERS = ("vivid colors", "4k", "trending on artstation", "octane render", "photorealistic", "dramatic",
+                    "hdr", "soft light", "epic composition", "studio quality", "crisp", "stunning")
 TASKS = ("add", "remove", "attribute")
 GLOBAL_PROMPTS = ("", "masterpiece, best quality")
 
 
-def padded(rng: random.Random, phrase: str) -> str:
+def padded(rng: random.Random, phrase: str, fillers: tuple[str, ...] = QUALITY_WORDS) -> str:
     """1-2 quality words before and 1-2 after the phrase."""
-    words = rng.sample(QUALITY_WORDS, rng.randint(1, 2) + rng.randint(1, 2))
+    words = rng.sample(fillers, rng.randint(1, 2) + rng.randint(1, 2))
     cut = rng.randint(1, len(words) - 1)
     return ", ".join(words[:cut] + [phrase] + words[cut:])
 
 
-def make_edit(rng: random.Random, task: str, steps: int) -> Edit:
+def make_edit(rng: random.Random, task: str, steps: int, fillers: tuple[str, ...] = QUALITY_WORDS) -> Edit:
     n = rng.randint(1, 3)
     objects = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
     background = rng.choice(BACKGROUNDS)
-    regions = [{"id": "ground", "kind": "background", "box": [0, 0, 1, 1], "prompt": padded(rng, background)}]
+    regions = [{"id": "ground", "kind": "background", "box": [0, 0, 1, 1], "prompt": padded(rng, background, fillers)}]
     edited = rng.randrange(n)
     for i, (color, shape) in enumerate(objects):
         side = rng.uniform(0.3, 0.5)
         box = [round(rng.uniform(0, 1 - side), 2), round(rng.uniform(0, 1 - side), 2), round(side, 2), round(side, 2)]
-        prompt = padded(rng, f"a {color} {shape}")
+        prompt = padded(rng, f"a {color} {shape}", fillers)
         region = {"id": f"obj{i + 1}", "box": box, "prompt": prompt}
         if i == edited and task == "add":
             region = {"id": region["id"], "box": box, "target_prompt": prompt}
@@ -101,7 +105,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/keywords")
     parser.add_argument("--entropy", default="histogram", choices=["histogram", "spatial"],
                         help="method.md §4's histogram entropy, or entropy over pixels")
+    parser.add_argument("--filler", default="quality", choices=["quality", "held-out"],
+                        help="pad with the training captions' quality words or with words the model never saw")
     args = parser.parse_args()
+    fillers = QUALITY_WORDS if args.filler == "quality" else HELD_OUT_FILLERS
     pipe = load_pipeline(args.model)
     roles = Roles(pipe.tokenizer)
     rng = random.Random(args.seed)
@@ -112,7 +119,7 @@ def main() -> None:
     pooled = Counter()  # right and total candidate words (punctuation excluded)
     examples, n_k, missing, t0 = [], [], 0, time.perf_counter()
     for i in range(args.n):
-        edit = make_edit(rng, TASKS[i % len(TASKS)], args.steps)
+        edit = make_edit(rng, TASKS[i % len(TASKS)], args.steps, fillers)
         edit.mrgd.keyword_entropy = args.entropy
         n_k.extend(r.keyword_count for r in edit.regions)
         chosen = pipe.edit(edit).info.get("keywords")
@@ -144,7 +151,7 @@ def main() -> None:
     picks = sum(total.values())
     report = {
         "model": args.model, "edits": args.n, "steps": args.steps, "seed": args.seed, "size": [128, 128],
-        "settings": {"method": "mrgd", "guidance": False, "kssa": True, "keyword_entropy": args.entropy, "keywords": "per region: its number of right words",
+        "settings": {"method": "mrgd", "guidance": False, "kssa": True, "keyword_entropy": args.entropy, "filler": args.filler, "keywords": "per region: its number of right words",
                      "keywords_used": dict(Counter(n_k))},
         "edits_without_keywords": missing, "selected_words": picks, "roles": dict(total),
         "precision": precision(total), "precision_per_image": {k: precision(v) for k, v in counts.items()},
@@ -161,6 +168,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [f"# Keyword selection precision ({args.n} edits, {args.steps} steps, model `{args.model}`)", "",
+             f"`python benchmarks/keywords.py --entropy {args.entropy} --filler {args.filler}`", "",
              "| | precision | selected words |", "|---|---|---|",
              f"| all | {fmt(report['precision'])} | {picks} |"]
     lines += [f"| {k} | {fmt(precision(v))} | {sum(v.values())} |" for k, v in counts.items()]
