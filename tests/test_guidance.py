@@ -111,6 +111,16 @@ def test_guidance_changes_the_target_and_logs_losses(tiny_guided_pipe):
     assert len(every.info["guidance_losses"]) == 3
 
 
+def test_a_removal_guides_the_source_only_when_asked(tiny_guided_pipe):
+    # THREE_REGION_EDIT removes "rock": by default guidance leaves the source as MultiDiffusion + control drew it
+    unguided = tiny_guided_pipe.edit(_edit(method="mrgd", guidance=False, kssa=False, keywords=0))
+    guided = tiny_guided_pipe.edit(_edit(method="mrgd", kssa=False, keywords=0))
+    assert np.array_equal(np.asarray(unguided.source), np.asarray(guided.source))
+    assert not np.array_equal(np.asarray(unguided.target), np.asarray(guided.target))
+    both = tiny_guided_pipe.edit(_edit(method="mrgd", kssa=False, keywords=0, guide_source_on_removal=True))
+    assert not np.array_equal(np.asarray(unguided.source), np.asarray(both.source))
+
+
 def test_a_guided_step_lowers_the_loss(tiny_guided_pipe):
     from mrgd.guidance import Guide, Segmenter
     from mrgd.pipeline import SOURCE, TARGET

@@ -165,7 +165,7 @@ class Guide:
     user_keywords: dict[str, list[str]]
     common: list[str]  # foreground ids present in both images, for L_IS
     edited: list[LatentBox]
-    update_source: bool  # a removal: the source is guided too
+    update_source: bool  # a removal with settings.guide_source_on_removal: the source is guided too
     selected: dict[tuple[int, str], list[str]] | None = None  # keyword selection fills this in
     last_maps: dict[int, torch.Tensor] | None = None
 
@@ -184,7 +184,7 @@ class Guide:
         edited = [boxes[r.id] for r in edit.regions if r.role != "inherent"]
         return cls(segmenter, edit.mrgd, edit.steps, factor, hw, regions, prompts,
                    {r.id: list(r.keywords) for r in edit.regions}, common, edited,
-                   any(r.role == "removed" for r in edit.regions))
+                   edit.mrgd.guide_source_on_removal and any(r.role == "removed" for r in edit.regions))
 
     def weights(self, step: int) -> LossWeights:
         s = self.settings
