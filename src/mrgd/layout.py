@@ -146,8 +146,8 @@ class Settings(_Model):
     lambda_ip: float = Field(300.0, ge=0)  # weight of L_IP, inherent preservation (halved in the second half)
     guidance_every: int = Field(1, ge=1)  # guide every k-th step only (the cheaper mode)
     # §6 (the research code) guides the source too when a region is removed. Off by default: on shapes-v3 the pull of
-    # L_IP on both images wrecked removals (10 pairs: CLIP 35.7 / SSIM-e 0.798 / SSIM-i 0.774, target-only 49.4 /
-    # 0.880 / 0.935), and a removal's source is what the user asked to keep. benchmarks/results/removal-guidance.md
+    # L_IP on both images wrecked removals (10 pairs: CLIP 34.4 / SSIM-e 0.794 / SSIM-i 0.752, target-only 46.5 /
+    # 0.865 / 0.942), and a removal's source is what the user asked to keep. benchmarks/results/removal-guidance.md
     guide_source_on_removal: bool = False
     add_in_source: bool = False  # also write added boxes into the source, global prompt only (§2)
 
