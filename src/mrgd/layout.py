@@ -142,7 +142,9 @@ class Settings(_Model):
     # Re-tuned for our gradient (w.r.t. x̂0, Φ differentiable): the research code's 1000 / 2000 for L_RS / L_IS
     # wrecked pictures on shapes-v1; see benchmarks/results/guidance_tuning_rs_is.md.
     lambda_rs: float = Field(3.0, ge=0)  # weight of L_RS, region segmentation
-    lambda_is: float = Field(6.0, ge=0)  # weight of L_IS, InfoNCE between source and target maps
+    # L_IS, InfoNCE between source and target maps: 6 on shapes-v1; on shapes-v3 with the new fusion 2 beats 6 on
+    # every task and matches 0 (benchmarks/results/lambda-is.md, 12 pairs)
+    lambda_is: float = Field(2.0, ge=0)
     lambda_ip: float = Field(300.0, ge=0)  # weight of L_IP, inherent preservation (halved in the second half)
     guidance_every: int = Field(1, ge=1)  # guide every k-th step only (the cheaper mode)
     # §6 (the research code) guides the source too when a region is removed. Off by default: on shapes-v3 the pull of

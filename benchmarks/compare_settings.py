@@ -1,0 +1,60 @@
+"""MRGD with its defaults against MRGD with chosen settings changed, on a balanced subset of a suite: the quick way
+to try a λ or a switch before changing a default.
+
+    python benchmarks/compare_settings.py --set lambda_is=0 --set lambda_is=2 [--limit 12] [--model DIR]
+                                          [--work runs/compare] [--out benchmarks/results/compare]
+
+Each --set is one variant (several settings: --set "lambda_is=2,lambda_ip=150"); values are read as JSON
+(numbers, true/false) and validated by the edit's settings. Uses the bench harness (resumable). Writes
+<out>.json and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mrgd.bench import Variant, run_bench
+from mrgd.layout import Settings
+from mrgd.models import DEFAULT_MODEL, load_pipeline
+
+
+def parse_set(text: str) -> dict:
+    """'lambda_is=2,guidance=false' -> {"lambda_is": 2, "guidance": False}, checked against Settings."""
+    overrides = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() not in Settings.model_fields or not value:
+            raise SystemExit(f"--set: {item!r} is not SETTING=VALUE with SETTING a field of mrgd.layout.Settings")
+        overrides[key.strip()] = json.loads(value)
+    Settings(**overrides)  # fail here, not in the middle of a run
+    return overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", dest="sets", action="append", required=True, type=parse_set)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--suite", default="benchmarks/suites/shapes-61")
+    parser.add_argument("--limit", type=int, default=12)
+    parser.add_argument("--work", default="runs/compare")
+    parser.add_argument("--out", default="benchmarks/results/compare")
+    args = parser.parse_args()
+    variants = [Variant("mrgd", "MRGD (defaults)", {"method": "mrgd"})]
+    for overrides in args.sets:
+        label = ", ".join(f"{k} {v}" for k, v in overrides.items())
+        variants.append(Variant("mrgd-" + "-".join(f"{k}{v}" for k, v in overrides.items()), label,
+                                {"method": "mrgd", **overrides}))
+    results = run_bench(load_pipeline(args.model), args.suite, Path(args.work), variants, limit=args.limit)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    command = "python benchmarks/compare_settings.py " + " ".join(
+        "--set " + ",".join(f"{k}={json.dumps(v)}" for k, v in o.items()) for o in args.sets) + f" --limit {args.limit}"
+    out.with_suffix(".md").write_text(f"# MRGD settings compared\n\n`{command}`\n\n"
+                                      + (Path(args.work) / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
