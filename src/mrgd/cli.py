@@ -145,14 +145,17 @@ def edit(
     from_inversion: Annotated[Optional[Path], typer.Option("--from-inversion", help="inversion.safetensors from `mrgd invert`: edit that real image")] = None,
 ) -> None:
     """Edit: denoise source and target side by side. Writes source.png, target.png, grid.png, edit.json, info.json."""
-    from .layout import Edit
+    from typing import get_args
+
+    from .layout import Edit, Settings
     from .render import edit_grid, save_png
 
     t0 = time.perf_counter()
     if method is not None and method not in ("multidiffusion", "p2p", "mrgd"):
         raise InputError(f"--method: unknown method {method!r}; use multidiffusion, p2p or mrgd")
-    if keyword_entropy is not None and keyword_entropy not in ("spatial", "histogram"):
-        raise InputError(f"--keyword-entropy: unknown rule {keyword_entropy!r}; use spatial or histogram")
+    rules = get_args(Settings.model_fields["keyword_entropy"].annotation)  # one list of rules: the settings'
+    if keyword_entropy is not None and keyword_entropy not in rules:
+        raise InputError(f"--keyword-entropy: unknown rule {keyword_entropy!r}; use {' or '.join(rules)}")
     the_edit = _apply_overrides(Edit.load(edit_file), seed, steps, method, region_context)
     switches = {"keywords": keywords, "keyword_entropy": keyword_entropy, "lambda_rs": lambda_rs, "lambda_is": lambda_is, "lambda_ip": lambda_ip,
                 "guidance_every": guidance_every, "kssa": False if no_kssa else None,
