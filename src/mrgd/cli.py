@@ -24,8 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Multi-region, text-driven image generation and editing with diffusion models (MRGD).")
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="diffusers folder, hub id or .safetensors file; default: the embedded shapes-world model")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="override the file's seed")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="override the file's number of DDIM steps")]
 ContextOpt = Annotated[Optional[float], typer.Option("--region-context", help="override the file's region_context "
@@ -63,7 +63,8 @@ def _staged_output(out: Path, names: list[str], force: bool):
 def _load_pipe(model: str | None, device: str, dtype: str, allow_pickle: bool, guidance_model: str | None = None):
     from .models import DEFAULT_MODEL, load_pipeline, parse_device, parse_dtype
 
-    dev, dt = parse_device(device), parse_dtype(dtype)
+    dev = parse_device(device)
+    dt = parse_dtype(dtype, dev)
     path = model or str(DEFAULT_MODEL)
     if model is None and not (DEFAULT_MODEL / "model_index.json").exists():
         raise InputError("--model: the embedded model is missing from this install; reinstall mrgd or pass --model")
@@ -99,7 +100,7 @@ def _apply_overrides(edit, seed, steps, method=None, region_context=None):
 @app.command()
 def generate(
     layout_file: Annotated[Path, typer.Argument(help="layout file (.json/.yaml): regions with prompts, no target_prompt")],
-    output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
+    output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     seed: SeedOpt = None, steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
     region_context: ContextOpt = None,
 ) -> None:
@@ -126,7 +127,7 @@ def generate(
 @app.command()
 def edit(
     edit_file: Annotated[Path, typer.Argument(help="edit file (.json/.yaml) in mrgd's format")],
-    output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
+    output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     method: Annotated[Optional[str], typer.Option("--method", help="multidiffusion | p2p | mrgd")] = None,
     seed: SeedOpt = None, steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
     region_context: ContextOpt = None,
@@ -176,7 +177,7 @@ def edit(
 
             inversion = Inversion.load(from_inversion)
             inversion.check(the_edit)
-            start = {"start_latents": inversion.z_T, "null_embeds": inversion.null_embeds_for()}
+            start = inversion.edit_kwargs()
         result = pipe.edit(the_edit, callback=callback, **start)
         bar.close()
         config = the_edit.to_dict()
@@ -214,7 +215,7 @@ def _write_explain(stage: Path, result, the_edit) -> None:
 def invert(
     image_file: Annotated[Path, typer.Argument(help="the real image (PNG/JPEG); fitted to the edit's size")],
     edit_file: Annotated[Path, typer.Argument(help="edit file: its source layout describes the image")],
-    output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "cpu",
+    output: OutOpt = Path("out"), model: ModelOpt = None, device: DeviceOpt = "auto",
     method: Annotated[Optional[str], typer.Option("--method", help="multidiffusion | p2p | mrgd")] = None,
     steps: StepsOpt = None, force: ForceOpt = False, allow_pickle: PickleOpt = False,
     region_context: ContextOpt = None,
@@ -242,7 +243,7 @@ def invert(
         t1 = time.perf_counter()
         inversion, _ = run_inversion(pipe, image, the_edit, inner_steps)
         invert_seconds = time.perf_counter() - t1
-        result = pipe.edit(the_edit, start_latents=inversion.z_T, null_embeds=inversion.null_embeds_for())
+        result = pipe.edit(the_edit, **inversion.edit_kwargs())
         quality = {"psnr_db": round(psnr(image, result.source), 3), "ssim": round(ssim(image, result.source), 4)}
         config = the_edit.to_dict()
         save_png(result.source, stage / "reconstruction.png", config, pipe.name, "source")
@@ -298,8 +299,8 @@ def bench_cmd(
     ablations: Annotated[bool, typer.Option("--ablations", help="also MRGD with no guidance / no KSSA / no r_total / no keyword selection")] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", help="at most N pairs, taken in turn from each task")] = None,
     steps: StepsOpt = None, model: ModelOpt = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N; default cpu, or each process's own device under accelerate launch")] = None,
-    dtype: DtypeOpt = "float32",
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N; default auto, or each process's own device under accelerate launch")] = None,
+    dtype: DtypeOpt = "auto",
     scorer: Annotated[Optional[str], typer.Option("--scorer", help="CLIP folder or hub id for CLIP-in-box; default: the model family's clip/")] = None,
     guidance_model: Annotated[Optional[str], typer.Option("--guidance-model", help="CLIPSeg folder or hub id for guidance; default: the model family's clipseg/")] = None,
     allow_pickle: PickleOpt = False,
@@ -311,16 +312,18 @@ def bench_cmd(
     t0 = time.perf_counter()
     chosen = bench.variants(bench.parse_methods(methods), ablations)
     pairs = bench.load_suite(suite, limit=limit, steps=steps)  # bad input fails before the model loads
-    from .models import DEFAULT_MODEL, parse_dtype
+    from .models import DEFAULT_MODEL, parse_device, parse_dtype
 
     if model is not None and Path(model).exists():
         model = str(Path(model).resolve())
-    bench.check_out_dir(output, bench.bench_config(suite, model or str(DEFAULT_MODEL), parse_dtype(dtype), steps, scorer))
     state = bench.process_state()
-    if state.num_processes > 1 and device in (None, "cuda"):
+    if state.num_processes > 1 and device in (None, "auto", "cuda"):
         # one accelerator per process; CPU processes say "cpu" (accelerate's "cpu:0" changes float rounding)
         device = "cpu" if state.device.type == "cpu" else str(state.device)
-    pipe = _load_pipe(model, device or "cpu", dtype, allow_pickle, guidance_model)
+    device = device or "auto"
+    resolved_dtype = parse_dtype(dtype, parse_device(device))
+    bench.check_out_dir(output, bench.bench_config(suite, model or str(DEFAULT_MODEL), resolved_dtype, steps, scorer))
+    pipe = _load_pipe(model, device, dtype, allow_pickle, guidance_model)
     score_model = score_tok = None
     if scorer is not None:
         score_model, score_tok = bench.load_scorer(scorer, pipe.device)

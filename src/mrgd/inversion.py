@@ -85,6 +85,10 @@ class Inversion:
         nulls = {k[5:]: v for k, v in tensors.items() if k.startswith("null/")}
         return cls(tensors["z_T"], nulls, losses, size, context)
 
+    def edit_kwargs(self, images=(0, 1)) -> dict:
+        """What `MRGDPipeline.edit` needs to edit this image: `pipe.edit(edit, **inversion.edit_kwargs())`."""
+        return {"start_latents": self.z_T, "null_embeds": self.null_embeds_for(images)}
+
     def null_embeds_for(self, images=(0, 1)) -> dict[tuple[int, str], torch.Tensor]:
         """The pipeline's `null_embeds`: the same region's ∅ in source and target (additions keep the empty prompt)."""
         return {(i, key): value for i in images for key, value in self.null_embeds.items()}

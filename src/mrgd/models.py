@@ -18,17 +18,23 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """A dtype name; "auto" is float16 on CUDA (the weights SD families ship in) and float32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise InputError(f"--dtype: unknown dtype {name!r}; use one of float32, float16, bfloat16")
+        raise InputError(f"--dtype: unknown dtype {name!r}; use auto, float32, float16 or bfloat16")
     return DTYPES[name]
 
 
 def parse_device(name: str) -> torch.device:
+    """A device name; "auto" takes the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise InputError(f"--device: unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise InputError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device: {name} asked for but no CUDA device is available; use --device cpu")
     return device
