@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -83,6 +84,10 @@ class AttentionState:
     kssa_scale: float = 1.5
     kssa_levels: frozenset[int] = frozenset()
     _kssa_pixels: dict[int, torch.Tensor] = field(default_factory=dict)  # level -> [rows, N] bool
+    # Rows touched per (kind, level) over the run: "cross" and "self" replacement, "record" (keyword maps),
+    # "kssa_pick" (pixels chosen in cross-attention) and "kssa_scale" (key columns scaled in self-attention).
+    # Cheap integer counts; they show which controls fired where (info.json, tests on other UNet layouts).
+    fired: Counter = field(default_factory=Counter)
 
     def reset_call(self) -> None:
         self.follows, self.record_rows, self.kssa_rows = [], [], []
@@ -104,6 +109,27 @@ def attention_levels(unet) -> list[int]:
     """Levels that hold attention layers, finest first."""
     n = len(unet.config.block_out_channels)
     return sorted({layer_level(name, n) for name in unet.attn_processors})
+
+
+def map_level(unet) -> int | None:
+    """The level whose attention maps the method reads: keyword maps (§4) are averaged there, and self-attention
+    is replaced there and below (§3). None when the encoder has no attention at all.
+
+    Chosen by the maps' resolution relative to the latent, not by block index: the encoder level whose maps are
+    closest to a quarter of the latent's side (the finer on a tie). That is 16×16 for SD 1.x/2.x at 512² (method.md's
+    "second-lowest resolution", and its self-replacement bound of (H/32)·(W/32) queries), 32×32 for SDXL at 1024²
+    (whose encoder has attention at latent/2 and latent/4 only), and 8×8 of the embedded model's 16×16 latent (its
+    encoder has attention at latent/1 and latent/2).
+    """
+    n = len(unet.config.block_out_channels)
+    down = {layer_level(name, n) for name in unet.attn_processors if name.startswith("down_blocks")}
+    return min(down, key=lambda level: (abs(level - 2), level)) if down else None
+
+
+def self_replace_levels(unet) -> frozenset[int]:
+    """Levels where self-attention may be replaced: the map level and every coarser one (§3)."""
+    level = map_level(unet)
+    return frozenset(l for l in attention_levels(unet) if level is not None and l >= level)
 
 
 class ControlledAttnProcessor:
@@ -163,7 +189,8 @@ class ControlledAttnProcessor:
         if not explicit:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
         scale = attn.scale if hasattr(attn, "scale") else 1 / math.sqrt(query.shape[-1])
-        logits = query @ key.transpose(-1, -2) * scale
+        # explicit maps in fp32: half-precision logits overflow in some models (SD 2.x asks for upcast_attention)
+        logits = (query @ key.transpose(-1, -2)).float() * scale
         if mask is not None:
             logits = logits + mask
         if self.is_cross and self._kssa_source():
@@ -171,11 +198,13 @@ class ControlledAttnProcessor:
         probs = logits.softmax(dim=-1)
         if self.is_cross and state.recorder is not None and state.record_rows:
             state.recorder(self.name, self.level, probs[state.record_rows])
+            state.fired["record", self.level] += len(state.record_rows)
         if follows:
             probs = probs.clone()
             for f in follows:
                 probs[f.target_row] = self._edit(probs[f.source_row], probs[f.target_row], f)
-        return probs @ value
+            state.fired["cross" if self.is_cross else "self", self.level] += len(follows)
+        return probs.to(value.dtype) @ value
 
     def _edit(self, source: torch.Tensor, target: torch.Tensor, f: Follow) -> torch.Tensor:
         if not self.is_cross:
@@ -200,6 +229,7 @@ class ControlledAttnProcessor:
             top[score.topk(max(1, score.numel() // 2)).indices] = True
             picked.append(top)
         state._kssa_pixels[self.level] = torch.stack(picked)
+        state.fired["kssa_pick", self.level] += len(picked)
 
     def _kssa_keys(self, key: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -211,6 +241,7 @@ class ControlledAttnProcessor:
         factor = torch.ones(key.shape[0], 1, key.shape[2], 1, dtype=key.dtype, device=key.device)
         for i, row in enumerate(state.kssa_rows):
             factor[row, 0, pixels[i], 0] = state.kssa_scale
+        state.fired["kssa_scale", self.level] += len(state.kssa_rows)
         return key * factor
 
 

@@ -23,7 +23,6 @@ from .attention import AttentionState, controlled_attention
 from .ddim import ddim_invert_step, ddim_step
 from .errors import InputError
 from .layout import Edit
-from .prompts import PromptEncoder
 
 SOURCE = 0
 
@@ -121,11 +120,11 @@ def load_image(path: str | Path, size: tuple[int, int]) -> tuple[Image.Image, st
 @torch.no_grad()
 def encode_image(pipe, image: Image.Image) -> torch.Tensor:
     """VAE posterior mean, scaled as the UNet expects."""
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    x = x.to(pipe.device, pipe.dtype)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = x.to(pipe.device, pipe.vae.dtype)  # fp32 for a VAE that asks for force_upcast
     config = pipe.vae.config
     z = pipe.vae.encode(x).latent_dist.mean
-    return (z - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+    return ((z - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor).to(pipe.dtype)
 
 
 class _SourceSampler:
@@ -136,7 +135,7 @@ class _SourceSampler:
         # the same plans the edit will use for the source (r_total included), so ∅ keys match
         self.plans = pipe._plan_regions(edit, edit.source(), SOURCE, edit.steps)
         target_plans = pipe._plan_regions(edit, edit.target(), 1, edit.steps)
-        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device, pipe.dtype)
+        encoder = pipe.prompt_encoder()
         # pad over both images' prompts, as the edit does, so the null embeddings have the edit's length
         from .pipeline import encode_plans
 

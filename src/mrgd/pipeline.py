@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from . import fusion
-from .attention import AttentionState, Follow, attention_levels, controlled_attention, cross_alpha, refine_mapping, self_replace_active
+from .attention import (AttentionState, Follow, controlled_attention, cross_alpha, map_level, refine_mapping,
+                        self_replace_active, self_replace_levels)
 from .ddim import alphas_at, ddim_step, to_epsilon
 from .guidance import Segmenter
 from .keywords import KeywordTracker, word_positions
@@ -81,32 +82,41 @@ def encode_plans(encoder: PromptEncoder, plans: dict[int, list[RegionPlan]]) -> 
     """(image, region key) -> (cond, uncond) prompts, all padded to one chunk count so any rows batch together
     (prompts longer than 75 tokens have more chunks). Inversion uses it too, so its null embeddings fit the edit."""
     encoded = {(i, p.key): (encoder.encode_parts(p.parts) if p.parts else encoder.encode(p.prompt),
-                            encoder.encode(p.negative)) for i, image_plans in plans.items() for p in image_plans}
+                            encoder.encode_negative(p.negative)) for i, image_plans in plans.items() for p in image_plans}
     flat = encoder.pad_to_same_length([e for pair in encoded.values() for e in pair])
     return {key: (flat[2 * n], flat[2 * n + 1]) for n, key in enumerate(encoded)}
 
 
 class MRGDPipeline:
-    """Multi-region generation and editing on any Stable-Diffusion-shaped model family.
+    """Multi-region generation and editing on SD 1.x, SD 2.x and SDXL model families.
 
-    Components are the diffusers ones (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) and are swappable
-    like in diffusers. `guidance_model` (CLIPSeg) and `scorer` (CLIP) are optional.
+    Components are the diffusers ones (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`, and SDXL's
+    `text_encoder_2`, `tokenizer_2`) and are swappable like in diffusers. `guidance_model` (CLIPSeg) and `scorer`
+    (CLIP) are optional. What differs between families sits in `family` (`mrgd.families`), chosen from the UNet.
     """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, guidance_model=None, guidance_tokenizer=None,
                  scorer=None, scorer_tokenizer=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 name: str = "custom"):
+                 name: str = "custom", text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: bool = True):
+        from .families import family_for
+
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = unet, vae, text_encoder, tokenizer, scheduler
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.guidance_model, self.guidance_tokenizer = guidance_model, guidance_tokenizer
         self.scorer, self.scorer_tokenizer = scorer, scorer_tokenizer
         self.device, self.dtype, self.name = torch.device(device), dtype, name
-        for module in (unet, vae, text_encoder):
-            module.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.family = family_for(unet, text_encoder, tokenizer, text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt)
+        # A VAE that asks for force_upcast (SDXL's overflows in fp16) runs in fp32 whenever the rest runs in fp16,
+        # in decoding, encoding, guidance and inversion alike: diffusers' SDXL pipeline does the same per decode.
+        vae_dtype = torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
+        for module, module_dtype in ((unet, dtype), (vae, vae_dtype), (text_encoder, dtype), (text_encoder_2, dtype)):
+            if module is not None:
+                _place(module, self.device, module_dtype)
         # The guidance model takes gradients with λ's in the thousands: fp16 would overflow. Keep it, and the
         # scorer, in fp32.
         for module in (guidance_model, scorer):
             if module is not None:
-                module.to(self.device, torch.float32).eval().requires_grad_(False)
+                _place(module, self.device, torch.float32)
         self.guidance_size: int | None = None  # Φ's input size, when its processor says (352 for CLIPSeg rd64)
 
     # ------------------------------------------------------------------ loading
@@ -123,6 +133,11 @@ class MRGDPipeline:
         from .models import DEFAULT_MODEL, load_pipeline
 
         return load_pipeline(str(DEFAULT_MODEL), **kwargs)
+
+    def prompt_encoder(self) -> PromptEncoder:
+        """A prompt encoder for this family's text towers (one per run: it caches encodings)."""
+        return PromptEncoder(None, None, self.device, self.dtype, towers=self.family.towers,
+                             zero_empty_negative=self.family.zero_empty_negative)
 
     @property
     def latent_factor(self) -> int:
@@ -147,12 +162,11 @@ class MRGDPipeline:
         settings = edit.mrgd
         steps = edit.steps
         layouts = {SOURCE: edit.source(), TARGET: edit.target()}
-        encoder = PromptEncoder(self.tokenizer, self.text_encoder, self.device, self.dtype)
+        encoder = self.prompt_encoder()
 
         # 1. Regions of each image, with their control kinds (method.md §1, §3).
         plans = {i: self._plan_regions(edit, layouts[i], i, steps) for i in images}
-        levels = attention_levels(self.unet)
-        state = AttentionState(low_levels=frozenset(levels[-2:]))
+        state = AttentionState(low_levels=self_replace_levels(self.unet))
         info: dict[str, Any] = {"unet_calls": 0, "unet_batch_sizes": [], "notes": []}
 
         # 2. Prompts; the empty negative of a region may be replaced by an inverted null embedding (§7).
@@ -161,7 +175,7 @@ class MRGDPipeline:
             follows_setup = self._control_setup(plans, encoded, settings, info) if len(images) == 2 else {}
 
         guide = self._guide(edit, plans, info) if len(images) == 2 else None
-        tracker = self._keyword_tracker(edit, plans, encoded, levels, images)
+        tracker = self._keyword_tracker(edit, plans, encoded, images)
         state.kssa_scale = settings.kssa_scale
 
         # 3. Timesteps and the initial noise, shared by source and target.
@@ -197,6 +211,8 @@ class MRGDPipeline:
                 if callback is not None:
                     callback({"step": k, "steps": steps, "timestep": t, "latents": latents,
                               "x0": {i: fused[i][1] for i in images}})
+
+        info["attention_rows"] = {f"{kind}@{level}": n for (kind, level), n in sorted(state.fired.items())}
 
         # 5. Decode.
         with timer("decode"):
@@ -309,16 +325,19 @@ class MRGDPipeline:
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, crop in enumerate(padded):
             groups[tuple(crop.shape[-2:])].append(i)
+        factor = self.latent_factor
+        canvas = tuple(factor * n for n in next(iter(latents.values())).shape[-2:])
         for indices in groups.values():
             group = [jobs[i] for i in indices]
             batch = torch.cat([padded[i] for i in indices])
-            conds = [j.cond.embeds for j in group]
-            embeds = torch.cat([j.uncond.embeds for j in group] + conds) if cfg else torch.cat(conds)
+            rows = ([j.uncond for j in group] if cfg else []) + [j.cond for j in group]
+            offsets = [(factor * windows[i].y0, factor * windows[i].x0) for i in indices] * (2 if cfg else 1)
+            extra = self.family.unet_kwargs([r.pooled for r in rows], offsets, canvas)
             state.reset_call()
             state.follows = self._follows(group, setup, step, steps, schedule, len(group) if cfg else 0)
             self._prepare_call(state, group, len(group) if cfg else 0, tracker)
             model_in = torch.cat([batch, batch]) if cfg else batch
-            out = self.unet(model_in, t, encoder_hidden_states=embeds).sample
+            out = self.unet(model_in, t, encoder_hidden_states=torch.cat([r.embeds for r in rows]), **extra).sample
             info["unet_calls"] += 1
             info["unet_batch_sizes"].append(model_in.shape[0])
             if cfg:
@@ -348,7 +367,7 @@ class MRGDPipeline:
                     state.kssa_rows.append(row)
                     state.kssa_tokens[row] = torch.tensor(positions, device=self.device)
 
-    def _keyword_tracker(self, edit: Edit, plans, encoded, levels: list[int], images):
+    def _keyword_tracker(self, edit: Edit, plans, encoded, images):
         """Keyword selection of method `mrgd` (§4), or None when off (no r_total, every N_k = 0, other method)."""
         from .prompts import positions_of
 
@@ -357,11 +376,11 @@ class MRGDPipeline:
         layouts = (edit.source(), edit.target())
         counts = {i: {r.id: settings.keywords if r.keyword_count is None else r.keyword_count for r in layouts[i].regions}
                   for i in totals}
-        if settings.method != "mrgd" or not any(n for c in counts.values() for n in c.values()) or len(levels) < 2:
+        level = map_level(self.unet)  # maps at a quarter of the latent's side: 16x16 for SD at 512², 32x32 for SDXL
+        if settings.method != "mrgd" or not any(n for c in counts.values() for n in c.values()) or level is None:
             return None
         first = min(p.first_step for p in totals.values())
         select_at = sorted({max(first, edit.steps - d) for d in settings.keyword_steps if edit.steps - d < edit.steps})
-        level = levels[-2]  # the second-lowest resolution (16x16 for SD at 512 px)
         h, w = (edit.size[1] // self.latent_factor, edit.size[0] // self.latent_factor)
         size = -(-h // self.unet_multiple) * self.unet_multiple, -(-w // self.unet_multiple) * self.unet_multiple
         hw = (-(-size[0] // 2**level), -(-size[1] // 2**level))
@@ -418,21 +437,30 @@ class MRGDPipeline:
         return Image.fromarray((array[0] * 255).round().astype(np.uint8))
 
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> image tensor in [-1, 1] (differentiable, for guidance)."""
+        """Latents -> image tensor in [-1, 1], in the VAE's dtype (differentiable, for guidance)."""
         config = self.vae.config
         scaled = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
-        return self.vae.decode(scaled, return_dict=False)[0]
+        return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
 
     def _describe(self, edit: Edit, images, timer: _Timer) -> dict[str, Any]:
         import diffusers
         import transformers
 
         return {
-            "model": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "model": self.name, "family": self.family.name, "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""), "vae_dtype": str(self.vae.dtype).replace("torch.", ""),
+            "prediction_type": self.scheduler.config.prediction_type,
             "method": edit.mrgd.method, "size": list(edit.size), "steps": edit.steps, "images": len(images),
             "seconds": timer.seconds, "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                                                    "transformers": transformers.__version__},
         }
+
+
+def _place(module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a frozen module to the run's device and dtype; cast only when needed (diffusers warns on a cast)."""
+    needs_cast = any(p.dtype != dtype for p in module.parameters())
+    module.to(device, dtype) if needs_cast else module.to(device)
+    module.eval().requires_grad_(False)
 
 
 class _Timer:

@@ -84,6 +84,8 @@ class EncodedPrompt:
     tokens: list[str] = field(default_factory=list)  # BPE pieces, e.g. "red</w>", "<|endoftext|>"
     part_of: list[str | None] = field(default_factory=list)  # named part a token comes from; None elsewhere
     real_positions: list[int] = field(default_factory=list)  # prompt tokens: not BOS/EOS/padding
+    pooled: torch.Tensor | None = None  # [1, P]: the pooled text embedding of families that use one (SDXL)
+    zero: bool = False  # all-zero embeddings (SDXL's empty negative prompt): padded with zeros, not with ""
 
     @property
     def chunks(self) -> int:
@@ -93,12 +95,20 @@ class EncodedPrompt:
 class PromptEncoder:
     """Encode prompts like the WebUI (emphasis, 75-token chunks), with a per-run cache.
 
-    A prompt of at most 75 tokens without emphasis gives exactly diffusers' StableDiffusionPipeline embedding.
+    A prompt of at most 75 tokens without emphasis gives exactly diffusers' embedding: StableDiffusionPipeline's
+    with one text tower, StableDiffusionXLPipeline's with SDXL's two (`families.StableDiffusionXLFamily.towers`:
+    each tower's hidden states concatenated, the pooled embedding from the first chunk of the pooled tower, as
+    the WebUI does for long prompts). `zero_empty_negative`: an empty negative prompt is all zeros (SDXL).
     """
 
-    def __init__(self, tokenizer, text_encoder, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+    def __init__(self, tokenizer, text_encoder, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 *, towers: Sequence | None = None, zero_empty_negative: bool = False):
+        from .families import TextTower
+
+        self.towers = list(towers) if towers else [TextTower(tokenizer, text_encoder)]
+        self.tokenizer = self.towers[0].tokenizer  # all towers share CLIP's vocabulary; they differ in padding
         self.device, self.dtype = torch.device(device), dtype
+        self.zero_empty_negative = zero_empty_negative
         self._cache: dict[tuple, EncodedPrompt] = {}
 
     def encode(self, text: str) -> EncodedPrompt:
@@ -117,7 +127,7 @@ class PromptEncoder:
             return self._cache[key]
         ids, weights, owners = self._tokenize(parts, sep)
         tok = self.tokenizer
-        all_ids, all_weights, all_owners, real, embeds = [], [], [], [], []
+        all_ids, all_weights, all_owners, real, embeds, pooled = [], [], [], [], [], None
         for start in range(0, max(len(ids), 1), CHUNK):
             chunk = ids[start : start + CHUNK]
             pad = CHUNK - len(chunk)
@@ -127,11 +137,21 @@ class PromptEncoder:
             all_ids += chunk_ids
             all_weights += chunk_weights
             all_owners += [None, *owners[start : start + CHUNK], None] + [None] * pad
-            embeds.append(self._encode_chunk(chunk_ids, len(chunk) + 2, chunk_weights))
+            chunk_embeds, chunk_pooled = self._encode_chunk(chunk_ids, len(chunk) + 2, chunk_weights)
+            embeds.append(chunk_embeds)
+            pooled = chunk_pooled if pooled is None else pooled
         encoded = EncodedPrompt(torch.cat(embeds, dim=1), all_ids, len(ids) + 2, all_weights,
-                                tok.convert_ids_to_tokens(all_ids), all_owners, real)
+                                tok.convert_ids_to_tokens(all_ids), all_owners, real, pooled)
         self._cache[key] = encoded
         return encoded
+
+    def encode_negative(self, text: str) -> EncodedPrompt:
+        """A negative prompt: as `encode`, except that an empty one is all zeros where the family says so."""
+        if text or not self.zero_empty_negative:
+            return self.encode(text)
+        empty = self.encode("")
+        return replace(empty, embeds=torch.zeros_like(empty.embeds),
+                       pooled=None if empty.pooled is None else torch.zeros_like(empty.pooled), zero=True)
 
     def pad_to_same_length(self, prompts: Sequence[EncodedPrompt]) -> list[EncodedPrompt]:
         """`pad_to_same_length` with this encoder's empty prompt as the padding chunk."""
@@ -161,23 +181,37 @@ class PromptEncoder:
             owners += [name] * len(run_ids)
         return ids, weights, owners
 
-    def _encode_chunk(self, ids: list[int], used: int, weights: list[float]) -> torch.Tensor:
-        input_ids = torch.tensor([ids]).to(self.device)
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = (torch.arange(len(ids)) < used).long()[None].to(self.device)  # BOS..EOS, as the tokenizer's mask
-        z = self.text_encoder(input_ids, attention_mask=mask)[0]
-        if any(w != 1.0 for w in weights):
-            # WebUI emphasis: scale each token's vector, then restore the chunk's mean so the overall scale holds.
-            z = z.float()
-            mean = z.mean()
-            z = z * torch.tensor(weights, device=z.device)[None, :, None]
-            z = z * (mean / z.mean())
-        return z.to(self.dtype)
+    def _encode_chunk(self, ids: list[int], used: int, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One 77-token window through every tower: ([1, 77, ΣD], pooled [1, P] or None)."""
+        hidden, pooled = [], None
+        for tower in self.towers:
+            # the towers' tokenizers differ only in the padding token (SDXL's second pads with "!")
+            tower_ids = ids[:used] + [tower.tokenizer.pad_token_id] * (len(ids) - used)
+            input_ids = torch.tensor([tower_ids]).to(self.device)
+            mask = None
+            if getattr(tower.encoder.config, "use_attention_mask", False):
+                mask = (torch.arange(len(ids)) < used).long()[None].to(self.device)  # BOS..EOS, as the tokenizer's
+            out = tower.encoder(input_ids, attention_mask=mask, output_hidden_states=tower.hidden_layer is not None)
+            z = out[0] if tower.hidden_layer is None else out.hidden_states[tower.hidden_layer]
+            if tower.pooled:
+                pooled = out.text_embeds.to(self.dtype)
+            hidden.append(_emphasise(z, weights).to(self.dtype))
+        return (hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)), pooled
+
+
+def _emphasise(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """WebUI emphasis: scale each token's vector, then restore the chunk's mean so the overall scale holds."""
+    if all(w == 1.0 for w in weights):
+        return z
+    z = z.float()
+    mean = z.mean()
+    z = z * torch.tensor(weights, device=z.device)[None, :, None]
+    return z * (mean / z.mean())
 
 
 def pad_to_same_length(prompts: Sequence[EncodedPrompt], empty: EncodedPrompt) -> list[EncodedPrompt]:
-    """Append `empty` chunks (the encoded "") to shorter prompts so all can share one UNet batch (WebUI behaviour).
+    """Append `empty` chunks (the encoded "") to shorter prompts so all can share one UNet batch (WebUI behaviour);
+    an all-zero prompt (`zero`) is padded with zeros.
 
     `length`, `real_positions` and the original positions are unchanged.
     """
@@ -190,8 +224,9 @@ def pad_to_same_length(prompts: Sequence[EncodedPrompt], empty: EncodedPrompt) -
         if not missing:
             padded.append(p)
             continue
+        chunk = torch.zeros_like(empty.embeds) if p.zero else empty.embeds
         padded.append(replace(
-            p, embeds=torch.cat([p.embeds, *[empty.embeds.to(p.embeds)] * missing], dim=1),
+            p, embeds=torch.cat([p.embeds, *[chunk.to(p.embeds)] * missing], dim=1),
             token_ids=p.token_ids + empty.token_ids * missing, weights=p.weights + empty.weights * missing,
             tokens=p.tokens + empty.tokens * missing, part_of=p.part_of + [None] * (len(empty.token_ids) * missing)))
     return padded
