@@ -74,10 +74,12 @@ class AttentionState:
 
     low_levels: frozenset[int] = frozenset()  # UNet levels where self-attention may be replaced
     follows: list[Follow] = field(default_factory=list)
-    # Called with (layer name, level, attention probs [B, heads, N, tokens]) for cross-attention layers
-    # when set and `record_rows` is not empty; used to collect maps for keyword selection.
+    # Called with (layer name, level, attention probs [B, heads, N, tokens]) for the cross-attention layers at
+    # `record_level` when set and `record_rows` is not empty; used to collect maps for keyword selection. Maps
+    # are computed only there: every other layer of the call keeps the fused SDPA path.
     recorder: Callable[[str, int, torch.Tensor], None] | None = None
     record_rows: list[int] = field(default_factory=list)
+    record_level: int | None = None
     # KSSA: rows whose self-attention key columns are scaled, per level, and the keyword token positions.
     kssa_rows: list[int] = field(default_factory=list)
     kssa_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> keyword token positions
@@ -181,7 +183,7 @@ class ControlledAttnProcessor:
         state = self.state
         if self.is_cross:
             follows = [f for f in state.follows if f.cross_alpha > 0]
-            explicit = bool(follows) or (state.recorder is not None and bool(state.record_rows)) or self._kssa_source()
+            explicit = bool(follows) or self._records() or self._kssa_source()
         else:
             follows = [f for f in state.follows if f.self_replace] if self.level in state.low_levels else []
             explicit = bool(follows)
@@ -196,7 +198,7 @@ class ControlledAttnProcessor:
         if self.is_cross and self._kssa_source():
             self._remember_kssa_pixels(logits)
         probs = logits.softmax(dim=-1)
-        if self.is_cross and state.recorder is not None and state.record_rows:
+        if self.is_cross and self._records():
             state.recorder(self.name, self.level, probs[state.record_rows])
             state.fired["record", self.level] += len(state.record_rows)
         if follows:
@@ -205,6 +207,10 @@ class ControlledAttnProcessor:
                 probs[f.target_row] = self._edit(probs[f.source_row], probs[f.target_row], f)
             state.fired["cross" if self.is_cross else "self", self.level] += len(follows)
         return probs.to(value.dtype) @ value
+
+    def _records(self) -> bool:
+        state = self.state
+        return state.recorder is not None and bool(state.record_rows) and self.level == state.record_level
 
     def _edit(self, source: torch.Tensor, target: torch.Tensor, f: Follow) -> torch.Tensor:
         if not self.is_cross:

@@ -539,7 +539,7 @@ def load_scorer(name: str, device="cpu"):
     from transformers import AutoTokenizer, CLIPModel
 
     try:
-        model = CLIPModel.from_pretrained(name, torch_dtype=torch.float32)
+        model = CLIPModel.from_pretrained(name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # missing folder, no network, not a CLIP model: all the same to the user
         raise InputError(f"--scorer: cannot load {name!r} as a CLIP model ({type(err).__name__}); give a CLIP folder "

@@ -6,6 +6,7 @@ refused unless the caller passes allow_pickle=True (`--allow-pickle` on the comm
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -45,21 +46,30 @@ def _has_pickle_only(folder: Path) -> bool:
     return bool(weights) and not any(p.suffix == ".safetensors" for p in weights)
 
 
-def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  allow_pickle: bool = False, guidance_model: str | None = None):
-    """Build an MRGDPipeline from a diffusers folder or hub id; guidance (CLIPSeg) and scorer (CLIP) if present."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
+
+def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  allow_pickle: bool = False, guidance_model: str | None = None, prediction_type: str | None = None):
+    """Build an MRGDPipeline from a diffusers folder, a hub id or a single-file checkpoint (SD 1.x, SD 2.x, SDXL);
+    guidance (CLIPSeg) and scorer (CLIP) when the family ships them or `guidance_model` names one.
+
+    Single files load offline with the configs shipped in the package (`mrgd.checkpoint`). `prediction_type`
+    overrides what the model's scheduler config (or, for a single file, the detection) says.
+    """
     from .pipeline import MRGDPipeline
 
+    if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction"):
+        raise InputError(f"--prediction-type: unknown {prediction_type!r}; use epsilon or v_prediction")
     local = Path(path)
+    notes: list[str] = []
     if local.suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise InputError(f"--model: {path} is a pickle file, which can run code when loaded; "
                          "convert it to .safetensors or pass --allow-pickle if you trust it")
     if local.suffix == ".safetensors" or local.suffix in PICKLE_SUFFIXES:
-        if not local.exists():
-            raise InputError(f"--model: {path} not found; check the path")
-        sd = StableDiffusionPipeline.from_single_file(str(local), torch_dtype=dtype)
+        from .checkpoint import load_single_file
+
+        sd, _, notes = load_single_file(local, dtype, allow_pickle, prediction_type)
     elif local.exists():
         if not (local / "model_index.json").exists():
             raise InputError(f"--model: {path} is not a diffusers folder (no model_index.json); "
@@ -67,22 +77,61 @@ def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dt
         if _has_pickle_only(local) and not allow_pickle:
             raise InputError(f"--model: {path} holds only pickle weights, which can run code when loaded; "
                              "convert them to safetensors or pass --allow-pickle if you trust them")
-        sd = StableDiffusionPipeline.from_pretrained(str(local), torch_dtype=dtype, safety_checker=None,
-                                                     use_safetensors=None if allow_pickle else True)
+        sd = _from_pretrained(str(local), _pipeline_class(local / "model_index.json", path), dtype, allow_pickle)
     else:
         try:
-            sd = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
-                                                         use_safetensors=None if allow_pickle else True)
+            from diffusers import DiffusionPipeline
+
+            class_name = DiffusionPipeline.load_config(path).get("_class_name")
+            sd = _from_pretrained(path, class_name, dtype, allow_pickle)
+        except InputError:
+            raise
         except Exception as err:  # network, missing repo, gated model: all the same to the user
             raise InputError(f"--model: cannot load {path!r} ({type(err).__name__}); "
                              "give a local diffusers folder, a .safetensors file or a reachable hub id") from None
-    scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+    scheduler = _ddim(sd.scheduler.config, prediction_type)
     guidance, guidance_tok, scorer, scorer_tok = _auxiliary(local, guidance_model, dtype)
     pipe = MRGDPipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, scheduler, guidance, guidance_tok,
-                        scorer, scorer_tok, device=device, dtype=dtype, name=str(path))
+                        scorer, scorer_tok, device=device, dtype=dtype, name=str(path),
+                        text_encoder_2=getattr(sd, "text_encoder_2", None), tokenizer_2=getattr(sd, "tokenizer_2", None),
+                        force_zeros_for_empty_prompt=sd.config.get("force_zeros_for_empty_prompt", True))
+    pipe.load_notes = notes
     if guidance is not None:
         pipe.guidance_size = _processor_size(Path(guidance_model) if guidance_model else local / "clipseg")
     return pipe
+
+
+def _pipeline_class(index: Path, path: str) -> str:
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise InputError(f"--model: {index} is not a readable model_index.json; check the folder") from None
+    return class_name
+
+
+def _from_pretrained(path: str, class_name: str | None, dtype: torch.dtype, allow_pickle: bool):
+    """A diffusers SD or SDXL pipeline from a folder or hub id, safetensors unless pickles are allowed."""
+    import diffusers
+
+    if class_name not in PIPELINE_CLASSES:
+        raise InputError(f"--model: {path} is a {class_name or 'pipeline of unknown class'}; mrgd runs "
+                         "StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL) models")
+    cls = getattr(diffusers, class_name)
+    extra = {"safety_checker": None} if class_name == "StableDiffusionPipeline" else {}
+    return cls.from_pretrained(path, dtype=dtype, use_safetensors=None if allow_pickle else True, **extra)
+
+
+def _ddim(config, prediction_type: str | None):
+    """Our sampler's scheduler (DDIM, method.md §2) from any SD scheduler config (PNDM, Euler, DDIM ...).
+
+    DDIM's own defaults clip x̂0 and set the final ᾱ to one, which is wrong for latents; SD configs say otherwise,
+    and configs that do not say are taken as SD's (no clipping, final ᾱ = ᾱ_0)."""
+    from diffusers import DDIMScheduler
+
+    overrides = {"clip_sample": config.get("clip_sample", False), "set_alpha_to_one": config.get("set_alpha_to_one", False)}
+    if prediction_type is not None:
+        overrides["prediction_type"] = prediction_type
+    return DDIMScheduler.from_config(config, **overrides)
 
 
 def _processor_size(folder: Path) -> int | None:
@@ -109,12 +158,12 @@ def _auxiliary(folder: Path, guidance_model: str | None, dtype: torch.dtype):
     seg_path = Path(guidance_model) if guidance_model else folder / "clipseg"
     if guidance_model or seg_path.exists():
         try:
-            guidance = CLIPSegForImageSegmentation.from_pretrained(str(seg_path), torch_dtype=torch.float32)
+            guidance = CLIPSegForImageSegmentation.from_pretrained(str(seg_path), dtype=torch.float32)
             guidance_tok = AutoTokenizer.from_pretrained(str(seg_path))
         except Exception as err:
             raise InputError(f"--guidance-model: cannot load {seg_path} ({type(err).__name__}); "
                              "give a CLIPSeg folder or hub id such as CIDAS/clipseg-rd64-refined") from None
     if (folder / "clip").exists():
-        scorer = CLIPModel.from_pretrained(str(folder / "clip"), torch_dtype=torch.float32)
+        scorer = CLIPModel.from_pretrained(str(folder / "clip"), dtype=torch.float32)
         scorer_tok = AutoTokenizer.from_pretrained(str(folder / "clip"))
     return guidance, guidance_tok, scorer, scorer_tok

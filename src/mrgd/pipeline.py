@@ -118,6 +118,7 @@ class MRGDPipeline:
             if module is not None:
                 _place(module, self.device, torch.float32)
         self.guidance_size: int | None = None  # Φ's input size, when its processor says (352 for CLIPSeg rd64)
+        self.load_notes: list[str] = []  # what loading detected and decided (single files), for info.json
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -355,7 +356,7 @@ class MRGDPipeline:
         if tracker is None:
             return
         totals = [(cond_offset + n, job.image) for n, job in enumerate(group) if job.key == TOTAL]
-        state.recorder = tracker.record
+        state.recorder, state.record_level = tracker.record, tracker.level
         state.record_rows = [row for row, _ in totals]
         tracker.row_images = [image for _, image in totals]
         if state.kssa_levels:
@@ -449,7 +450,7 @@ class MRGDPipeline:
         return {
             "model": self.name, "family": self.family.name, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "vae_dtype": str(self.vae.dtype).replace("torch.", ""),
-            "prediction_type": self.scheduler.config.prediction_type,
+            "prediction_type": self.scheduler.config.prediction_type, "model_notes": self.load_notes,
             "method": edit.mrgd.method, "size": list(edit.size), "steps": edit.steps, "images": len(images),
             "seconds": timer.seconds, "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                                                    "transformers": transformers.__version__},
@@ -457,10 +458,18 @@ class MRGDPipeline:
 
 
 def _place(module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move a frozen module to the run's device and dtype; cast only when needed (diffusers warns on a cast)."""
+    """Move a frozen module to the run's device and dtype; cast only when needed (diffusers warns on a cast).
+
+    Weights memory-mapped from a safetensors file sit wherever the file put them, and CPU matrix kernels round
+    differently on unaligned memory: the same weights saved as a folder or as one file gave pixels one apart.
+    Such tensors are copied into fresh (aligned) memory, which also lets go of the file.
+    """
     needs_cast = any(p.dtype != dtype for p in module.parameters())
     module.to(device, dtype) if needs_cast else module.to(device)
     module.eval().requires_grad_(False)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+            tensor.data = tensor.data.clone()
 
 
 class _Timer:

@@ -90,3 +90,25 @@ def build_tokenizer(out_dir: str | Path, extra_words: list[str] | None = None) -
     tok = CLIPTokenizer.from_pretrained(str(out), model_max_length=77)
     tok.save_pretrained(str(out))
     return out
+
+
+def build_clip_tokenizer(out_dir: str | Path) -> Path:
+    """Write OpenAI CLIP's full tokenizer (49408 entries: the vocabulary of SD 1.x/2.x and SDXL) from its merges.
+
+    The vocabulary is CLIP's own construction: the 256 byte symbols, the same with the end-of-word mark, one
+    entry per merge in rank order, then the two specials. Only vocab.json, merges.txt and the configs are written;
+    `CLIPTokenizer.from_pretrained` builds its fast tokenizer from them.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with gzip.open(find_clip_bpe(), "rt", encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    config = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
