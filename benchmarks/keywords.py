@@ -25,13 +25,11 @@ from pathlib import Path
 
 from mrgd.layout import Edit
 from mrgd.models import DEFAULT_MODEL, load_pipeline
-from mrgd.toyworld.world import BACKGROUNDS, COLORS, QUALITY_WORDS, SHAPES, word_roles
+from mrgd.toyworld.world import BACKGROUNDS, COLORS, HELD_OUT_FILLERS, QUALITY_WORDS, SHAPES, word_roles
 
 RIGHT = ("object", "color", "background")
-# Filler words the embedded model never saw in training (its captions use QUALITY_WORDS): --filler held-out asks
-# whether "names nothing" generalises beyond the words the UNet was taught to spread.
-HELD_OUT_FILLERS = ("vivid colors", "4k", "trending on artstation", "octane render", "photorealistic", "dramatic",
-                    "hdr", "soft light", "epic composition", "studio quality", "crisp", "stunning")
+# --filler held-out pads with HELD_OUT_FILLERS, words no training caption holds (its captions use QUALITY_WORDS):
+# it asks whether "names nothing" generalises beyond the words the UNet was taught to spread.
 TASKS = ("add", "remove", "attribute")
 GLOBAL_PROMPTS = ("", "masterpiece, best quality")
 

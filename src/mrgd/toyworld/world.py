@@ -30,6 +30,14 @@ QUALITY_WORDS = (
     "masterpiece", "best quality", "highly detailed", "8k", "sharp focus", "beautiful",
     "high resolution", "ultra detailed", "professional", "award winning", "intricate", "cinematic lighting",
 )
+# Filler words that no training caption ever holds, so benchmarks can ask whether "names nothing" generalises beyond
+# the words the model was taught: the keyword benchmark's held-out fillers (benchmarks/keywords.py --filler held-out)
+# and the held-out test suite's (benchmarks/make_test_suite.py). Training's random-vocabulary padding skips them.
+HELD_OUT_FILLERS = ("vivid colors", "4k", "trending on artstation", "octane render", "photorealistic", "dramatic",
+                    "hdr", "soft light", "epic composition", "studio quality", "crisp", "stunning")
+TEST_FILLERS = ("unreal engine", "bokeh", "volumetric fog", "golden hour", "ray tracing", "depth of field",
+                "film grain", "concept art", "matte painting", "wallpaper", "symmetrical", "digital painting",
+                "elegant", "pastel tones", "ambient occlusion", "highres")
 
 
 @dataclass
