@@ -74,6 +74,27 @@ def test_a_box_partly_off_canvas_keeps_its_visible_part():
     assert edit.regions[0].box == (0.0, 0.5, 0.25, 0.2)
 
 
+def test_edit_pair_pairs_across_the_entries_between():
+    # the research code's region configs: a Foreground entry inside an EditedSource / EditedTarget pair
+    data = {"bbox_controls": [entry("Background", "grass", x=0, y=0, w=1, h=1), entry("EditedSource", "a red car"),
+                              entry("Foreground", "a tree", x=0.6), entry("EditedTarget", "a blue car")]}
+    edit, warnings = import_webui(data)
+    assert edit.roles() == {"background-0": "inherent", "edit-1": "modified", "fg-2": "inherent"}
+    assert edit.regions_by_id()["edit-1"].target_prompt == "a blue car" and warnings == []
+
+
+def test_edit_pairs_take_the_next_free_target_and_warn_when_boxes_differ():
+    data = {"bbox_controls": [entry("EditedSource", "a cat"), entry("EditedSource", "a dog", x=0.5),
+                              entry("EditedTarget", "a fox", y=0.2), entry("EditedTarget", "a wolf", x=0.5)]}
+    edit, warnings = import_webui(data)
+    regions = edit.regions_by_id()
+    assert edit.roles() == {"edit-0": "modified", "edit-1": "modified"}
+    assert (regions["edit-0"].target_prompt, regions["edit-1"].target_prompt) == ("a fox", "a wolf")
+    assert regions["edit-0"].box == (0.1, 0.1, 0.3, 0.3)  # the pair takes the EditedSource's box
+    assert len(warnings) == 1
+    assert "bbox_controls[0]" in warnings[0] and "bbox_controls[2]" in warnings[0] and "differ" in warnings[0]
+
+
 def test_identical_edit_prompts_warn():
     edit, warnings = import_webui({"bbox_controls": [entry("EditedSource", "a cat"), entry("EditedTarget", "a cat")]})
     assert edit.roles() == {"edit-0": "inherent"} and "identical" in warnings[0]
@@ -82,7 +103,7 @@ def test_identical_edit_prompts_warn():
 @pytest.mark.parametrize(("controls", "fragments"), [
     ([entry("Background"), entry("EditedSource", "a")], ["bbox_controls[1]", "EditedTarget"]),
     ([entry("EditedTarget", "b"), entry("Background")], ["bbox_controls[0]", "EditedSource"]),
-    ([entry("EditedSource", "a"), entry("Foreground"), entry("EditedTarget", "b")], ["bbox_controls[0]"]),
+    ([entry("EditedSource", "a"), entry("EditedTarget", "b"), entry("EditedTarget", "c")], ["bbox_controls[2]"]),
     ([entry("EditedSource", "a"), entry("EditedTarget", "b", enable=False)], ["bbox_controls[0]"]),
     ([entry("Background"), entry("Sideways")], ["bbox_controls[1].blend_mode", "'Sideways'", "Foreground"]),
     ([entry(["Foreground"])], ["bbox_controls[0].blend_mode"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pydantic
@@ -17,6 +18,17 @@ class InputError(ValueError):
     def __init__(self, message: str):
         # Collapse every whitespace run, line breaks included, so the message stays one line whatever it quotes.
         super().__init__(" ".join(str(message).split()) or "invalid input")
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, with a line saying what the interrupted command left (the CLI prints it and exits with code 130).
+
+    A BaseException like the KeyboardInterrupt it stands for, so that no ``except Exception`` on the way out takes
+    it for an ordinary error.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()) or "interrupted")
 
 
 _HINTS = {
@@ -49,6 +61,7 @@ def describe_validation_error(err: pydantic.ValidationError, source: str | None 
     first = problems[0]
     kind = first["type"]
     message = _HINTS.get(kind) or first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    message = re.sub(r" or instance of \w+", "", message)  # pydantic names the Python class; a file has none
     if kind not in _HINTS and kind != "value_error" and isinstance(first.get("input"), (str, int, float, type(None))):
         message += f" (got {_short(first['input'])})"
     if len(problems) > 1:

@@ -51,33 +51,27 @@ def import_webui(
         else:
             kept.append((index, entry, box))
 
+    targets = _pair_edits(kept, warnings)
+    paired = set(targets.values())
     regions = []
-    position = 0
-    while position < len(kept):
-        index, entry, box = kept[position]
+    for position, (index, entry, box) in enumerate(kept):
         mode = entry.get("blend_mode")
-        if mode == "EditedSource":
-            following = kept[position + 1][1] if position + 1 < len(kept) else {}
-            if following.get("blend_mode") != "EditedTarget":  # pairing is by order here: the format says so
-                raise InputError(
-                    f"bbox_controls[{index}].blend_mode: EditedSource must be followed by an enabled EditedTarget "
-                    "entry; add one or change the blend mode"
-                )
-            regions.append(_edited_region(kept[position], kept[position + 1], warnings))
-            position += 2
+        if mode == "EditedSource":  # the modified region takes the source entry's place in the layer order
+            regions.append(_edited_region(kept[position], kept[targets[position]], warnings))
             continue
         if mode == "EditedTarget":
-            raise InputError(
-                f"bbox_controls[{index}].blend_mode: EditedTarget must directly follow an enabled EditedSource "
-                "entry; add one or change the blend mode"
-            )
+            if position not in paired:
+                raise InputError(
+                    f"bbox_controls[{index}].blend_mode: EditedTarget has no enabled EditedSource entry before it; "
+                    "add one or change the blend mode"
+                )
+            continue
         prefix, kind, role = _SINGLE_MODES[mode]
         fields = {"kind": kind, **_common(index, entry, box)}
         text = _text(index, entry, "prompt")
         fields.update({"inherent": {"prompt": text}, "added": {"target_prompt": text},
                        "removed": {"prompt": text, "target_prompt": None}}[role])
         regions.append(_region(index, f"{prefix}-{index}", fields))
-        position += 1
 
     if not regions:
         warnings.append("bbox_controls: no usable entries; the edit has no regions")
@@ -86,6 +80,39 @@ def import_webui(
     except ValidationError as err:
         raise InputError(describe_validation_error(err)) from None
     return edit, warnings
+
+
+def _pair_edits(kept: list[tuple], warnings: list[str]) -> dict[int, int]:
+    """Position of each EditedSource in ``kept`` -> position of its EditedTarget.
+
+    Each EditedSource takes the next EditedTarget not yet taken, whatever entries stand between, as the research
+    code pairs them (four of its own region configs put a Foreground entry inside a pair).
+    """
+    targets: dict[int, int] = {}
+    waiting: list[int] = []  # EditedSource positions still looking for their target, oldest first
+    for position, (_, entry, _) in enumerate(kept):
+        if entry.get("blend_mode") == "EditedSource":
+            waiting.append(position)
+        elif entry.get("blend_mode") == "EditedTarget" and waiting:
+            targets[waiting.pop(0)] = position
+    if waiting:
+        index = kept[waiting[0]][0]
+        raise InputError(
+            f"bbox_controls[{index}].blend_mode: EditedSource needs an enabled EditedTarget entry after it; "
+            "add one or change the blend mode"
+        )
+    for source, target in targets.items():
+        (index, _, box), (target_index, _, target_box) = kept[source], kept[target]
+        if box != target_box:
+            warnings.append(
+                f"bbox_controls[{index}] (EditedSource, box {_show(box)}) paired with bbox_controls[{target_index}] "
+                f"(EditedTarget, box {_show(target_box)}): the boxes differ; the EditedSource's box is used"
+            )
+    return targets
+
+
+def _show(box: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box) + "]"
 
 
 def _controls(data: Any, source: str | None = None) -> list[Any]:
@@ -154,7 +181,7 @@ def _keywords(index: int, entry: dict) -> list[str]:
 
 
 def _edited_region(source: tuple, target: tuple, warnings: list[str]) -> Region:
-    """One modified region from an EditedSource entry and the EditedTarget entry after it; they share the box."""
+    """One modified region from an EditedSource entry and its EditedTarget; the pair shares the source's box."""
     (index, source, box), (target_index, target, _) = source, target
     source_prompt, target_prompt = _text(index, source, "prompt"), _text(target_index, target, "prompt")
     if source_prompt == target_prompt:
