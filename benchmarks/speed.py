@@ -1,10 +1,19 @@
-"""Speed of a 3-region edit per method, against plain StableDiffusionPipeline for the same S+T pair.
+"""Speed and memory of a 3-region edit per method, as ratios to the plain diffusers pipeline drawing the same pair.
 
-    python benchmarks/speed.py [--model DIR] [--edit examples/three_regions.json] [--repeats 3]
+    python benchmarks/speed.py [--arch embedded,sd15,sdxl] [--size 256] [--steps 10] [--methods ...]
+                               [--device auto] [--dtype auto] [--repeats 1] [--out benchmarks/results/speed]
 
-Writes benchmarks/results/speed.json and speed.md. The plain SD baseline denoises the source and target prompts
-(global prompt + every region prompt of that image) as one batch of two, on the same model and steps: what a user
-pays for two unrelated images without any region control.
+`--arch embedded` is the shipped shapes-world family; `sd15` and `sdxl` are the full-size architectures with random
+weights (`random_models.py`; CLIPSeg rd64 for guidance, a TAESD decoder), which is what time and memory depend on.
+The plain baseline is diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline on the same components with
+DDIM, denoising the source and target prompts (global prompt + every region prompt of that image) as one batch of
+two: what a user pays for the two pictures without any region control. Each method row is one `pipe.edit` of
+`examples/three_regions.json` at the given size and steps. `--methods` is a ";"-separated list of names with
+optional settings, e.g. `p2p;mrgd:guidance_vae=full,guidance_every=2`. Peak memory: the process's resident set, sampled every 5 ms during the
+run, above what it held before (CPU), or the CUDA allocator's peak (GPU). Runs unchanged on CUDA.
+
+Writes <out>.json and <out>.md (one table per architecture; each run of the script replaces the tables of the
+architectures it ran and keeps the others).
 """
 
 from __future__ import annotations
@@ -12,70 +21,184 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from mrgd.layout import Edit
-from mrgd.models import DEFAULT_MODEL, load_pipeline
+from mrgd.models import DEFAULT_MODEL, load_pipeline, parse_device, parse_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_METHODS = "multidiffusion;p2p;mrgd:guidance_vae=full;mrgd"
 
 
-def time_it(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    times, out = [], None
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA's allocator peak, or the sampled RSS of this process."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        self.base, self.top, self.running = self._rss(), self._rss(), True
+
+        def sample():
+            while self.running:
+                self.top = max(self.top, self._rss())
+                time.sleep(0.005)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.top, self._rss()) - self.base
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: bool):
+    """(median seconds, peak bytes of the first timed run, last result)."""
+    if warmup:
+        fn()
+    times, peak, out = [], None, None
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        with PeakMemory(device) as memory:
+            t0 = time.perf_counter()
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        peak = memory.peak if peak is None else peak
+    return statistics.median(times), peak, out
+
+
+def parse_method(text: str) -> tuple[str, str, dict]:
+    """"mrgd:guidance_vae=full,guidance_every=2" -> (label, method, settings)."""
+    method, _, rest = text.partition(":")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        settings[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return text, method, settings
+
+
+def build(arch: str, device: torch.device, dtype: torch.dtype):
+    if arch == "embedded":
+        return load_pipeline(str(DEFAULT_MODEL), device=device, dtype=dtype)
+    from random_models import random_pipeline
+
+    return random_pipeline(arch, device, dtype)
+
+
+def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    from random_models import diffusers_pipeline
+
+    t0 = time.perf_counter()
+    pipe = build(arch, device, dtype)
+    load_seconds = time.perf_counter() - t0
+    base = Edit.load(args.edit)
+    size = args.size or (base.size[0] if arch == "embedded" else 256)
+    steps = args.steps or base.steps
+    edit = Edit.from_dict({**base.to_dict(), "size": [size, size], "steps": steps})
+    warm = arch == "embedded"  # small enough to warm up; the full-size ones take minutes per run on a CPU
+    rows = {}
+
+    plain = diffusers_pipeline(pipe)
+    prompts = [edit.source().total_prompt(), edit.target().total_prompt()]
+    negative = [edit.negative_prompt] * 2 if edit.negative_prompt or pipe.family.name != "sdxl" else None
+    seconds, peak, _ = timed(lambda: plain(prompts, negative_prompt=negative, height=size, width=size,
+                                           num_inference_steps=steps, guidance_scale=edit.guidance_scale,
+                                           generator=torch.Generator("cpu").manual_seed(edit.seed)),
+                             device, args.repeats, warm)
+    latent = size // pipe.latent_factor
+    plain_rows = steps * 4 * latent * latent  # (uncond, cond) x (source, target) per step, full canvas
+    rows["plain pair (diffusers)"] = {"seconds": round(seconds, 3), "peak_mb": round(peak / 2**20), "unet_calls": steps,
+                                      "unet_pixel_rows": plain_rows}
+    del plain
+    for text in args.methods.split(";"):
+        label, method, settings = parse_method(text)
+        variant = Edit.from_dict({**edit.to_dict(), "mrgd": {**edit.mrgd.model_dump(), "method": method, **settings}})
+        seconds, peak, result = timed(lambda: pipe.edit(variant), device, args.repeats, warm)
+        info = result.info
+        rows[label] = {"seconds": round(seconds, 3), "peak_mb": round(peak / 2**20), "unet_calls": info["unet_calls"],
+                       "unet_pixel_rows": info["unet_pixel_rows"], "guidance_decoder": info.get("guidance_decoder"),
+                       "phases": {k: round(v, 3) for k, v in info["seconds"].items()}}
+        print(f"{arch} {label}: {seconds:.2f} s", flush=True)
+    reference = rows["plain pair (diffusers)"]
+    for row in rows.values():
+        row["vs_plain"] = round(row["seconds"] / reference["seconds"], 3)
+        row["pixel_rows_vs_plain"] = round(row["unet_pixel_rows"] / reference["unet_pixel_rows"], 3)
+        row["peak_vs_plain"] = round(row["peak_mb"] / max(reference["peak_mb"], 1), 3)
+    return {"arch": arch, "model": pipe.name, "size": [size, size], "steps": steps, "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "load_seconds": round(load_seconds, 1), "rows": rows}
+
+
+def markdown(report: dict) -> list[str]:
+    lines = [f"## {report['arch']}: {report['model']}, {report['size'][0]}², {report['steps']} steps, "
+             f"{report['device']} {report['dtype']}, {report['threads']} threads", "",
+             "| method | seconds | vs plain pair | UNet pixel-rows vs plain | guidance s | guidance vs p2p time | "
+             "peak MB | peak vs plain |", "|---|---|---|---|---|---|---|---|"]
+    p2p = report["rows"].get("p2p", {}).get("seconds")
+    for name, r in report["rows"].items():
+        guidance = r.get("phases", {}).get("guidance")
+        extra = f"{r['seconds'] / p2p:.2f}x" if p2p and name.startswith("mrgd") else ""
+        decoder = f" ({r['guidance_decoder']} decoder)" if r.get("guidance_decoder") else ""
+        lines.append(f"| {name}{decoder} | {r['seconds']:.2f} | {r['vs_plain']:.2f} | {r['pixel_rows_vs_plain']:.2f} | "
+                     f"{'' if guidance is None else f'{guidance:.2f}'} | {extra} | {r['peak_mb']} | {r['peak_vs_plain']:.2f} |")
+    return lines + [""]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--edit", default=str(Path(__file__).parents[1] / "examples" / "three_regions.json"))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", default="multidiffusion,p2p,mrgd")
-    parser.add_argument("--out", default="benchmarks/results/speed")
+    parser.add_argument("--arch", default="embedded", help="comma-separated: embedded, sd15, sdxl")
+    parser.add_argument("--edit", default=str(ROOT / "examples" / "three_regions.json"))
+    parser.add_argument("--size", type=int, default=None, help="canvas side; default: the edit's (embedded), 256")
+    parser.add_argument("--steps", type=int, default=None, help="default: the edit's")
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = parser.parse_args()
-    pipe = load_pipeline(args.model)
-    edit = Edit.load(args.edit)
-    rows = {}
-    for method in args.methods.split(","):
-        variant = Edit.from_dict({**edit.to_dict(), "mrgd": {**edit.mrgd.model_dump(), "method": method}})
-        seconds, result = time_it(lambda: pipe.edit(variant), args.repeats)
-        rows[method] = {"seconds": round(seconds, 3), "unet_calls": result.info["unet_calls"],
-                        "unet_rows": sum(result.info["unet_batch_sizes"]),
-                        "phases": {k: round(v, 3) for k, v in result.info["seconds"].items()}}
-
-    from diffusers import StableDiffusionPipeline
-
-    sd = StableDiffusionPipeline(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                 scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                 requires_safety_checker=False)
-    sd.set_progress_bar_config(disable=True)
-    prompts = [edit.source().total_prompt(), edit.target().total_prompt()]
-    calls = {"n": 0}
-    hook = pipe.unet.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    seconds, _ = time_it(lambda: sd(prompts, height=edit.size[1], width=edit.size[0], num_inference_steps=edit.steps,
-                                     guidance_scale=edit.guidance_scale,
-                                     generator=torch.Generator("cpu").manual_seed(edit.seed)), args.repeats)
-    hook.remove()
-    rows["plain SD (S+T batch)"] = {"seconds": round(seconds, 3), "unet_calls": calls["n"] // (args.repeats + 1),
-                                    "unet_rows": 4 * edit.steps}
-    report = {"model": args.model, "edit": args.edit, "steps": edit.steps, "size": list(edit.size),
-              "threads": torch.get_num_threads(), "rows": rows}
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
     out = Path(args.out)
+    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    reports = {r["arch"] + f"@{r['size'][0]}": r for r in previous.get("reports", [])}
+    for arch in args.arch.split(","):
+        report = run_arch(arch.strip(), args, device, dtype)
+        reports[report["arch"] + f"@{report['size'][0]}"] = report
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Speed of one 3-region edit ({edit.size[0]}x{edit.size[1]}, {edit.steps} steps, "
-             f"{torch.get_num_threads()} CPU threads)", "", "| method | seconds | UNet calls | UNet rows |",
-             "|---|---|---|---|"]
-    lines += [f"| {name} | {r['seconds']:.2f} | {r['unet_calls']} | {r['unet_rows']} |" for name, r in rows.items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"reports": list(reports.values())}, indent=2) + "\n")
+    lines = ["# Speed of one 3-region edit (`examples/three_regions.json`) against the plain pipeline", "",
+             "`python benchmarks/speed.py --arch ...`; see the script's docstring for what each column measures.", ""]
+    for report in reports.values():
+        lines += markdown(report)
+    out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
     main()

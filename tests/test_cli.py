@@ -130,7 +130,8 @@ def test_edit_explain_writes_keywords_and_masks(capsys, tmp_path, edit_file, tin
     assert resolved["mrgd"]["keyword_entropy"] == "histogram"
 
 
-def test_invert_then_edit_from_inversion(capsys, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("inversion", ["direct", "null-text"])
+def test_invert_then_edit_from_inversion(capsys, tmp_path, tiny_model_dir, inversion):
     import numpy as np
 
     from mrgd.toyworld.world import make_scene
@@ -141,14 +142,15 @@ def test_invert_then_edit_from_inversion(capsys, tmp_path, tiny_model_dir):
         {"id": "ball", "box": [0.2, 0.2, 0.5, 0.5], "prompt": "a red circle", "target_prompt": "a blue circle"}]}
     (tmp_path / "edit.json").write_text(json.dumps(edit))
     code, out, err = run(capsys, "invert", tmp_path / "photo.png", tmp_path / "edit.json", "-o", tmp_path / "inv",
-                         "--model", tiny_model_dir, "--inner-steps", "2", "--min-psnr", "99")
+                         "--model", tiny_model_dir, "--inner-steps", "2", "--min-psnr", "99", "--inversion", inversion)
     assert code == 0, err
     assert "centre-cropped" in err or "resized" in err
     assert "below --min-psnr" in err  # the gate speaks plainly and still writes everything
     names = {p.name for p in (tmp_path / "inv").iterdir()}
     assert names == {"reconstruction.png", "target.png", "grid.png", "inversion.safetensors", "edit.json", "info.json"}
     info = json.loads((tmp_path / "inv" / "info.json").read_text())
-    assert info["reconstruction"]["psnr_db"] > 0 and len(info["null_text_losses"]) == 3
+    assert info["reconstruction"]["psnr_db"] > 0 and info["inversion"] == inversion
+    assert len(info["null_text_losses"]) == (3 if inversion == "null-text" else 0)
     code, _, err = run(capsys, "edit", tmp_path / "edit.json", "-o", tmp_path / "again", "--model", tiny_model_dir,
                        "--from-inversion", tmp_path / "inv" / "inversion.safetensors")
     assert code == 0, err

@@ -218,3 +218,52 @@ def test_fp16_vae_that_asks_for_upcast_runs_in_fp32(sdxl_parts):
     assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
     image = pipe.decode_tensor(torch.zeros(1, 4, 8, 8, dtype=torch.float16))
     assert image.dtype == torch.float32
+
+
+def test_sdxl_edit_explain_invert_and_bench_through_the_cli(sdxl_parts, sdxl_folder, tmp_path, capsys):
+    """Everything else follows: the commands that run on SD 1.x run on an SDXL folder with a guidance model."""
+    import json
+
+    from PIL import Image
+
+    from conftest import make_tiny_clipseg, run_cli
+
+    seg = tmp_path / "clipseg"
+    make_tiny_clipseg(sdxl_parts["tokenizer"]).save_pretrained(seg)
+    sdxl_parts["tokenizer"].save_pretrained(seg)
+    edit = tmp_path / "edit.json"
+    edit.write_text(json.dumps({**SDXL_EDIT, "steps": 3, "mrgd": {"method": "mrgd", "keyword_steps": [2, 1]}}))
+    model = ["--model", sdxl_folder, "--guidance-model", seg]
+
+    code, _, err = run_cli(capsys, "edit", edit, "-o", tmp_path / "e", *model, "--explain")
+    assert code == 0, err
+    assert {"keywords.png", "masks.png", "metrics.png"} <= {p.name for p in (tmp_path / "e").iterdir()}
+    assert json.loads((tmp_path / "e" / "keywords.json").read_text())["target"]
+
+    Image.open(tmp_path / "e" / "source.png").save(tmp_path / "photo.png")
+    code, out, err = run_cli(capsys, "invert", tmp_path / "photo.png", edit, "-o", tmp_path / "i", *model,
+                             "--inner-steps", "2", "--method", "p2p", "--min-psnr", "0")
+    assert code == 0, err
+    assert "PSNR" in out and json.loads((tmp_path / "i" / "info.json").read_text())["family"] == "sdxl"
+
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "attr-a.json").write_text(edit.read_text())
+    code, _, err = run_cli(capsys, "bench", suite, "-o", tmp_path / "b", *model, "--methods", "p2p,mrgd")
+    assert code == 0, err
+    assert len((tmp_path / "b" / "records.jsonl").read_text().splitlines()) == 2
+
+
+def test_sdxl_long_and_weighted_prompts_chunk_per_encoder(sdxl_parts):
+    pipe = _sdxl_pipe(sdxl_parts)
+    encoder = pipe.prompt_encoder()
+    long = encoder.encode(" ".join(["red circle"] * 50))  # 100 tokens: two 75-token windows per tower
+    assert long.embeds.shape == (1, 154, 64 + 128) and long.pooled.shape == (1, 32)
+    first = encoder.encode(" ".join(["red circle"] * 37) + " red")  # exactly the first window
+    assert torch.equal(long.pooled, first.pooled)  # pooled from the first chunk, as the WebUI does
+    assert torch.equal(long.embeds[:, :77], first.embeds)
+    plain, weighted = encoder.encode("red circle"), encoder.encode("(red:1.5) circle")
+    assert not torch.equal(plain.embeds, weighted.embeds) and torch.equal(plain.pooled, weighted.pooled)
+    zero = encoder.encode_negative("")
+    assert zero.zero and not zero.embeds.any() and not zero.pooled.any()
+    assert encoder.encode_negative("blurry").embeds.any()

@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import THREE_REGION_EDIT
@@ -121,25 +122,40 @@ def test_a_removal_guides_the_source_only_when_asked(tiny_guided_pipe):
     assert not np.array_equal(np.asarray(unguided.source), np.asarray(both.source))
 
 
-def test_a_guided_step_lowers_the_loss(tiny_guided_pipe):
-    from mrgd.guidance import Guide, Segmenter
-    from mrgd.pipeline import SOURCE, TARGET
+def _tiny_decoder(seed: int = 5):
+    from diffusers import AutoencoderTiny
 
-    pipe = tiny_guided_pipe
+    torch.manual_seed(seed)
+    return AutoencoderTiny(encoder_block_out_channels=(8,) * 4, num_encoder_blocks=(1,) * 4,
+                           decoder_block_out_channels=(8,) * 4, num_decoder_blocks=(1,) * 4)
+
+
+@pytest.mark.parametrize("decoder", ["vae", "tiny"])
+def test_a_guided_step_lowers_the_loss(tiny_components, decoder):
+    from conftest import make_tiny_clipseg
+    from mrgd.guidance import Guide, Segmenter
+    from mrgd.pipeline import SOURCE, TARGET, MRGDPipeline
+
+    seg = make_tiny_clipseg(tiny_components["tokenizer"])
+    pipe = MRGDPipeline(**tiny_components, guidance_model=seg, guidance_tokenizer=tiny_components["tokenizer"],
+                        guidance_vae=_tiny_decoder() if decoder == "tiny" else None)
+    name, decode = pipe.guidance_decoder("auto")
+    assert name == decoder
     edit = _edit(method="mrgd", lambda_rs=1.0, lambda_is=1.0, lambda_ip=1.0)
     plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
-    guide = Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer), pipe.latent_factor)
+    guide = Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer), pipe.latent_factor,
+                           decode)
     torch.manual_seed(0)
     x0 = {SOURCE: torch.randn(1, 4, 8, 8), TARGET: torch.randn(1, 4, 8, 8).requires_grad_()}
     step = 10  # all three losses active
-    loss, _ = guide.loss(pipe.decode_tensor, x0, step)
+    loss, _ = guide.loss(decode, x0, step)
     (grad,) = torch.autograd.grad(loss, [x0[TARGET]])
     x_t = torch.randn(1, 4, 8, 8)
     alpha, alpha_prev = torch.tensor(0.9), torch.tensor(0.95)
     lr = 1e-2 / grad.abs().max()
     _, x0_new = ddim_restep(x_t, x0[TARGET].detach(), lr * grad, alpha, alpha_prev)
     with torch.no_grad():
-        after, _ = guide.loss(pipe.decode_tensor, {SOURCE: x0[SOURCE], TARGET: x0_new}, step)
+        after, _ = guide.loss(decode, {SOURCE: x0[SOURCE], TARGET: x0_new}, step)
     assert after < loss.detach()
 
 
@@ -156,3 +172,39 @@ def test_segmenter_maps_carry_gradients_to_the_image_and_match_clipseg(tiny_guid
         ours = clipseg_logits(seg.model, clip_pixels(image, seg.size), ids)
         theirs = seg.model(input_ids=ids, pixel_values=clip_pixels(image, seg.size)).logits
     assert torch.allclose(ours.reshape(theirs.shape), theirs, atol=1e-5)
+
+
+def test_guidance_decoder_choices_and_bad_folders(tiny_components, tmp_path):
+    from mrgd.errors import InputError
+    from mrgd.pipeline import MRGDPipeline
+
+    pipe = MRGDPipeline(**tiny_components)
+    assert pipe.guidance_decoder("auto")[0] == "vae"
+    with pytest.raises(InputError, match="no tiny decoder"):
+        pipe.guidance_decoder("tiny")
+    folder = tmp_path / "taesd"
+    _tiny_decoder().save_pretrained(folder)
+    name, decode = pipe.guidance_decoder(str(folder))
+    assert name == str(folder) and decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 64, 64)
+    for bad, message in ((tmp_path / "missing", "cannot load"), (tmp_path, "no config.json")):
+        with pytest.raises(InputError, match=message) as err:
+            pipe.guidance_decoder(str(bad))
+        assert str(err.value).startswith("--guidance-vae") and "\n" not in str(err.value)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    with pytest.raises(InputError, match="not an AutoencoderTiny"):
+        pipe.guidance_decoder(str(tmp_path / "unet"))
+
+
+def test_guidance_window_and_vision_shared_across_queries(tiny_guided_pipe):
+    from mrgd.guidance import Segmenter
+
+    edit = _edit(method="mrgd", kssa=False, keywords=0, guidance_until=0.5)
+    result = tiny_guided_pipe.edit(edit)
+    steps = [entry["step"] for entry in result.info["guidance_losses"]]
+    assert steps and max(steps) < edit.steps * 0.5
+    seg = Segmenter(tiny_guided_pipe.guidance_model, tiny_guided_pipe.guidance_tokenizer)
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    together = seg(image, ["a red circle", "grass", "a blue square"], (8, 8))
+    alone = torch.stack([seg(image, [text], (8, 8))[0] for text in ["a red circle", "grass", "a blue square"]])
+    assert torch.allclose(together, alone, atol=1e-5)

@@ -46,7 +46,7 @@ def test_null_text_beats_plain_inversion_and_round_trips(tiny_pipe, tmp_path):
                {"id": "ball", "box": [0.2, 0.2, 0.5, 0.5], "prompt": "a red circle"}]
     edit = _edit(steps=4, regions=regions)
     image = _picture()
-    inversion, pivots = invert(tiny_pipe, image, edit, inner_steps=5)
+    inversion, pivots = invert(tiny_pipe, image, edit, inner_steps=5, method="null-text")
     plain = tiny_pipe.edit(edit, start_latents=pivots[-1], images=(0,))
     tuned = tiny_pipe.edit(edit, start_latents=inversion.z_T, null_embeds=inversion.null_embeds_for((0,)), images=(0,))
     z0 = pivots[0]
@@ -63,6 +63,36 @@ def test_null_text_beats_plain_inversion_and_round_trips(tiny_pipe, tmp_path):
     other = Edit.from_dict({**edit.to_dict(), "region_context": edit.region_context + 0.25})
     with pytest.raises(InputError, match="region_context"):
         again.check(other)
+
+
+@pytest.mark.parametrize("method", ["direct", "negative-prompt", "null-text"])
+def test_each_inversion_reconstructs_the_models_own_picture(tiny_pipe, tmp_path, method):
+    regions = [{"id": "ground", "kind": "background", "box": [0, 0, 1, 1], "prompt": "grass"},
+               {"id": "ball", "box": [0.2, 0.2, 0.5, 0.5], "prompt": "a red circle",
+                "target_prompt": "a blue circle"}]
+    edit = _edit(steps=4, regions=regions)
+    own = tiny_pipe.edit(edit, images=(0,)).source  # a picture the tiny model itself drew from this layout
+    inversion, pivots = invert(tiny_pipe, own, edit, inner_steps=5, method=method)
+    assert inversion.method == method
+    z0 = pivots[0]
+    plain = tiny_pipe.edit(edit, start_latents=pivots[-1], images=(0,)).latents["source"]
+    result = tiny_pipe.edit(edit, **inversion.edit_kwargs())
+    error = (result.latents["source"] - z0).pow(2).mean()
+    assert error < (plain - z0).pow(2).mean()
+    if method == "direct":  # exact: the source ends on the encoded picture itself
+        assert torch.allclose(result.latents["source"], z0, atol=1e-6)
+        assert not torch.equal(result.latents["target"], result.latents["source"])  # the edit still edits
+    path = tmp_path / "inversion.safetensors"
+    inversion.save(path)
+    again = Inversion.load(path)
+    assert again.method == method and again.steps == edit.steps
+    replay = tiny_pipe.edit(edit, **again.edit_kwargs())
+    assert torch.equal(replay.latents["target"], result.latents["target"])
+
+
+def test_inversion_method_is_checked(tiny_pipe):
+    with pytest.raises(InputError, match="--inversion"):
+        invert(tiny_pipe, _picture(), _edit(), method="magic")
 
 
 def test_load_image_fits_and_refuses_non_images(tmp_path):

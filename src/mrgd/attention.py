@@ -245,8 +245,9 @@ class ControlledAttnProcessor:
         if pixels is None or pixels.shape[-1] != key.shape[-2]:
             return key
         factor = torch.ones(key.shape[0], 1, key.shape[2], 1, dtype=key.dtype, device=key.device)
-        for i, row in enumerate(state.kssa_rows):
-            factor[row, 0, pixels[i], 0] = state.kssa_scale
+        # arithmetic rather than boolean indexing, which would wait for the GPU to count the pixels
+        rows = torch.tensor(state.kssa_rows, device=key.device)
+        factor[rows, 0, :, 0] = 1 + (state.kssa_scale - 1) * pixels.to(key.dtype)
         state.fired["kssa_scale", self.level] += len(state.kssa_rows)
         return key * factor
 

@@ -8,6 +8,7 @@ and that nothing outside the edited boxes changes (L_IP). Their gradient with re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,12 +109,16 @@ def clipseg_logits(model, pixels: torch.Tensor, input_ids: torch.Tensor, train_t
     transformers' `CLIPSegForImageSegmentation.forward` runs the CLIP vision encoder under `torch.no_grad()`,
     which would make L_RS and L_IS blind to the image (and keeps training from tuning the backbone); the same
     computation here keeps the graph. The text side stays gradient-free unless `train_text`.
+
+    `pixels` holds one image per query, or a single image for all of them: its vision features are then computed
+    once and shared by every query (the decoder alone reads the text), which is what makes a query per region cheap.
     """
     vision = model.clip.vision_model(pixel_values=pixels, output_hidden_states=True,
                                      interpolate_pos_encoding=pixels.shape[-1] != model.config.vision_config.image_size)
-    activations = [vision.hidden_states[i + 1] for i in model.extract_layers]
+    queries = input_ids.shape[0]
+    activations = [vision.hidden_states[i + 1].expand(queries, -1, -1) for i in model.extract_layers]
     with torch.set_grad_enabled(train_text and torch.is_grad_enabled()):
-        conditional = model.get_conditional_embeddings(batch_size=pixels.shape[0], input_ids=input_ids)
+        conditional = model.get_conditional_embeddings(batch_size=queries, input_ids=input_ids)
     return model.decoder(activations, conditional).logits
 
 
@@ -134,7 +139,7 @@ class Segmenter:
         """Maps [len(texts), h, w] for one image [1, 3, H, W] in [-1, 1]."""
         if not texts:
             return image.new_zeros((0, *hw))
-        pixels = clip_pixels(image, self.size).to(self.model.dtype).expand(len(texts), -1, -1, -1)
+        pixels = clip_pixels(image, self.size).to(self.model.dtype)
         logits = clipseg_logits(self.model, pixels, self._input_ids(texts))
         logits = logits.reshape(len(texts), 1, *logits.shape[-2:]).float()
         return F.interpolate(logits.sigmoid(), size=hw, mode="bilinear", align_corners=False)[:, 0]
@@ -166,11 +171,12 @@ class Guide:
     common: list[str]  # foreground ids present in both images, for L_IS
     edited: list[LatentBox]
     update_source: bool  # a removal with settings.guide_source_on_removal: the source is guided too
+    decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> [-1, 1] float images: what Φ and L_IP look at
     selected: dict[tuple[int, str], list[str]] | None = None  # keyword selection fills this in
     last_maps: dict[int, torch.Tensor] | None = None
 
     @classmethod
-    def for_edit(cls, edit, plans, segmenter: Segmenter, factor: int) -> Guide:
+    def for_edit(cls, edit, plans, segmenter: Segmenter, factor: int, decode: Callable[[torch.Tensor], torch.Tensor]) -> Guide:
         hw = (edit.size[1] // factor, edit.size[0] // factor)
         layouts = {SOURCE: edit.source(), TARGET: edit.target()}
         regions, prompts = {}, {}
@@ -184,14 +190,15 @@ class Guide:
         edited = [boxes[r.id] for r in edit.regions if r.role != "inherent"]
         return cls(segmenter, edit.mrgd, edit.steps, factor, hw, regions, prompts,
                    {r.id: list(r.keywords) for r in edit.regions}, common, edited,
-                   edit.mrgd.guide_source_on_removal and any(r.role == "removed" for r in edit.regions))
+                   edit.mrgd.guide_source_on_removal and any(r.role == "removed" for r in edit.regions), decode)
 
     def weights(self, step: int) -> LossWeights:
         s = self.settings
         return loss_weights(step, self.steps, s.lambda_rs, s.lambda_is, s.lambda_ip)
 
     def active(self, step: int) -> bool:
-        return step % self.settings.guidance_every == 0 and self.weights(step).any
+        s = self.settings
+        return step % s.guidance_every == 0 and step < s.guidance_until * self.steps and self.weights(step).any
 
     def texts(self, image: int) -> list[str]:
         selected = self.selected or {}
@@ -217,7 +224,9 @@ class Guide:
         pixel_mask = inherent_mask(scale_boxes(self.edited, self.factor), tuple(pixel_hw)).to(x0[TARGET])
         ip = inherent_preservation_loss(images[SOURCE], images[TARGET], x0[SOURCE], x0[TARGET], pixel_mask, latent_mask)
         total = w.rs * rs + w.is_ * is_ + w.ip * ip
-        return total, {name: value.item() for name, value in (("rs", rs), ("is", is_), ("ip", ip), ("total", total))}
+        # detached tensors, not floats: reading a value back would wait for the GPU at every step (see `finish`)
+        return total, {name: torch.as_tensor(value).detach() for name, value in
+                       (("rs", rs), ("is", is_), ("ip", ip), ("total", total))}
 
     def step(self, pipe, step: int, latents_t, fused, alpha, alpha_prev, info) -> dict:
         """Re-step DDIM from the guided x̂0 of the target (and of the source for a removal)."""
@@ -226,14 +235,22 @@ class Guide:
         guided = [TARGET, SOURCE] if self.update_source else [TARGET]
         x0 = {i: fused[i][1].detach().float().requires_grad_(i in guided) for i in (SOURCE, TARGET)}
         with torch.enable_grad():
-            loss, parts = self.loss(lambda z: pipe.decode_tensor(z.to(pipe.dtype)).float(), x0, step)
+            loss, parts = self.loss(self.decode, x0, step)
             grads = torch.autograd.grad(loss, [x0[i] for i in guided])
-        info.setdefault("guidance_losses", []).append({"step": step, **parts})
+        # A non-finite gradient leaves the step unguided (g = 0 re-steps to the fused latent), decided on the device
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        info.setdefault("guidance_losses", []).append({"step": step, **parts, "finite": finite})
         out = dict(fused)
-        if not all(torch.isfinite(g).all() for g in grads):
-            info.setdefault("notes", []).append(f"step {step}: guidance gradient not finite; step left unguided")
-            return out
         for i, grad in zip(guided, grads):
+            grad = torch.where(finite, grad, torch.zeros_like(grad))
             x_prev, x0_new = ddim_restep(latents_t[i].float(), x0[i].detach(), grad, alpha, alpha_prev)
             out[i] = (x_prev.to(fused[i][0].dtype), x0_new.to(fused[i][1].dtype))
         return out
+
+    @staticmethod
+    def finish(info) -> None:
+        """After the loop: the logged losses as numbers, and a note for every step whose gradient was not finite."""
+        for entry in info.get("guidance_losses", []):
+            if not bool(entry.pop("finite", True)):
+                info.setdefault("notes", []).append(f"step {entry['step']}: guidance gradient not finite; step left unguided")
+            entry.update({k: float(v) for k, v in entry.items() if k != "step"})

@@ -27,18 +27,31 @@ from .layout import Edit
 SOURCE = 0
 
 
+METHODS = ("direct", "negative-prompt", "null-text")
+
+
 @dataclass
 class Inversion:
-    """What an edit of a real image needs: the inverted noise and each region's null embedding per step."""
+    """What an edit of a real image needs: the inverted noise and, per method, how the source is kept on it.
+
+    - null-text (§7): each region's optimised null embedding per step;
+    - negative-prompt: each region's own prompt as its null embedding (Miyake et al. 2023): no optimisation;
+    - direct: the DDIM pivots themselves; the edit puts the source back on its pivot after every step and moves the
+      target by the same correction (exact inversion, after Ju et al.'s "direct inversion"): no optimisation.
+    """
 
     z_T: torch.Tensor  # [1, C, h, w]
-    null_embeds: dict[str, torch.Tensor]  # region key -> [steps, L, D]
+    null_embeds: dict[str, torch.Tensor]  # region key -> [steps, L, D] (null-text, negative-prompt)
     losses: list[float]  # final null-text loss per step
     size: tuple[int, int] | None = None  # the edit's (W, H) it was inverted for
     region_context: float | None = None  # the edit's region_context it was inverted with (None: older files)
+    method: str = "null-text"
+    pivots: torch.Tensor | None = None  # [steps + 1, C, h, w]: z*_0 (clean) ... z*_N (direct)
 
     @property
     def steps(self) -> int:
+        if self.pivots is not None:
+            return self.pivots.shape[0] - 1
         return next(iter(self.null_embeds.values())).shape[0] if self.null_embeds else 0
 
     def check(self, edit: Edit) -> None:
@@ -58,7 +71,9 @@ class Inversion:
 
         tensors = {"z_T": self.z_T.contiguous()}
         tensors.update({f"null/{k}": v.contiguous() for k, v in self.null_embeds.items()})
-        metadata = {"losses": ",".join(f"{x:.3e}" for x in self.losses)}
+        if self.pivots is not None:
+            tensors["pivots"] = self.pivots.contiguous()
+        metadata = {"losses": ",".join(f"{x:.3e}" for x in self.losses), "method": self.method}
         if self.size is not None:
             metadata["size"] = f"{self.size[0]}x{self.size[1]}"
         if self.region_context is not None:
@@ -76,35 +91,67 @@ class Inversion:
                 losses = [float(x) for x in metadata.get("losses", "").split(",") if x]
                 size = tuple(int(v) for v in metadata["size"].split("x")) if "size" in metadata else None
             context = float(metadata["region_context"]) if "region_context" in metadata else None
+            method = metadata.get("method", "null-text")
         except Exception as err:  # corrupt or foreign file
             raise InputError(f"--from-inversion: cannot read {path} ({type(err).__name__}); "
                              "give an inversion.safetensors written by `mrgd invert`") from None
         if "z_T" not in tensors:
             raise InputError(f"--from-inversion: {path} has no z_T; give a file written by `mrgd invert`")
+        if method not in METHODS or (method == "direct") != ("pivots" in tensors):
+            raise InputError(f"--from-inversion: {path} says method {method!r} but holds "
+                             f"{'pivots' if 'pivots' in tensors else 'no pivots'}; invert the image again")
         nulls = {k[5:]: v for k, v in tensors.items() if k.startswith("null/")}
-        return cls(tensors["z_T"], nulls, losses, size, context)
+        return cls(tensors["z_T"], nulls, losses, size, context, method, tensors.get("pivots"))
 
     def edit_kwargs(self, images=(0, 1)) -> dict:
         """What `MRGDPipeline.edit` needs to edit this image: `pipe.edit(edit, **inversion.edit_kwargs())`."""
-        return {"start_latents": self.z_T, "null_embeds": self.null_embeds_for(images)}
+        kwargs = {"start_latents": self.z_T}
+        if self.null_embeds:
+            kwargs["null_embeds"] = self.null_embeds_for(images)
+        if self.pivots is not None:
+            kwargs["source_pivots"] = self.pivots
+        return kwargs
 
     def null_embeds_for(self, images=(0, 1)) -> dict[tuple[int, str], torch.Tensor]:
         """The pipeline's `null_embeds`: the same region's ∅ in source and target (additions keep the empty prompt)."""
         return {(i, key): value for i in images for key, value in self.null_embeds.items()}
 
 
+MAX_ENLARGEMENT = 4  # per side: an image enlarged more than this is mostly interpolation, and inverts as a blur
+
+
 def load_image(path: str | Path, size: tuple[int, int]) -> tuple[Image.Image, str | None]:
-    """Open an image and fit it to the layout's (W, H): centre-crop to the aspect ratio, then resize."""
+    """Open an image and fit it to the layout's (W, H): centre-crop to the aspect ratio, then resize.
+
+    Returns the RGB picture and a note for the user (None when nothing had to change): turned upright by its EXIF
+    orientation, converted to RGB (CMYK, 16-bit, alpha, palette, greyscale), cropped and resized. An image under a
+    quarter of the layout's width or height is refused, naming both sizes.
+    """
+    from PIL import ExifTags, ImageOps
+
+    name = Path(path).name
     try:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
+            frames = getattr(opened, "n_frames", 1)
+            turned = opened.getexif().get(ExifTags.Base.Orientation, 1) != 1  # a phone photo stores its rotation
+            image = ImageOps.exif_transpose(opened)  # a loaded copy, upright
     except FileNotFoundError:
         raise InputError(f"IMAGE: {path} not found; check the path") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"IMAGE: {path} has too many pixels for a safe decode; give a smaller image") from None
     except Exception:
         raise InputError(f"IMAGE: {path} is not an image PIL can read; give a PNG or JPEG") from None
-    message = None
+    notes = [f"first of its {frames} frames used"] if frames > 1 else []
+    if turned:
+        notes.append("turned upright as its EXIF orientation says")
+    image, converted = _to_rgb(image, path)
+    notes += [converted] if converted else []
+    w, h = image.size
+    if w * MAX_ENLARGEMENT < size[0] or h * MAX_ENLARGEMENT < size[1]:
+        raise InputError(f"IMAGE: {path} is {w}x{h}, far smaller than the edit's size {size[0]}x{size[1]}; give an "
+                         f"image of at least {-(-size[0] // MAX_ENLARGEMENT)}x{-(-size[1] // MAX_ENLARGEMENT)} "
+                         "or make the edit's size smaller")
     if image.size != tuple(size):
-        w, h = image.size
         target = size[0] / size[1]
         if w / h > target:
             nw = round(h * target)
@@ -112,9 +159,44 @@ def load_image(path: str | Path, size: tuple[int, int]) -> tuple[Image.Image, st
         elif w / h < target:
             nh = round(w / target)
             image = image.crop((0, (h - nh) // 2, w, (h - nh) // 2 + nh))
-        message = f"image {w}x{h} centre-cropped and resized to the layout size {size[0]}x{size[1]}"
+        notes.append(f"image {w}x{h} centre-cropped and resized to the layout size {size[0]}x{size[1]}")
         image = image.resize(tuple(size), Image.BICUBIC)
-    return image, message
+    return image, (f"{name}: " + "; ".join(notes)) if notes else None
+
+
+def _to_rgb(image: Image.Image, path) -> tuple[Image.Image, str | None]:
+    """8-bit RGB, and what was converted. PIL's own convert("RGB") clips 16-bit greyscale to white and drops
+    alpha, keeping whatever colour the transparent pixels happen to store; both would invert a wrong picture."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        wide = mode.startswith("I;16") or values.max(initial=0) > 255
+        top = 65535 if wide else 1.0 if mode == "F" and values.max(initial=0) <= 1 else 255
+        grey = np.clip(values * (255 / top) + 0.5, 0, 255).astype(np.uint8)
+        what = "16-bit greyscale" if wide else "greyscale"
+        return Image.fromarray(grey).convert("RGB"), f"{what} ({mode}) converted to 8-bit RGB"
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:  # some pixel is see-through
+            white = Image.new("RGBA", image.size, "white")
+            return Image.alpha_composite(white, rgba).convert("RGB"), f"transparency ({mode}) composited over white"
+        if mode == "RGBA":
+            return rgba.convert("RGB"), None  # an alpha channel that hides nothing
+    described = {"P": "palette", "PA": "palette", "L": "greyscale", "LA": "greyscale", "1": "black-and-white"}.get(mode)
+    note = f"{described} ({mode}) converted to RGB" if described else f"{mode} converted to RGB"
+    try:
+        if mode == "LAB":  # convert() would take the L, a, b channels for R, G, B; a colour transform is right
+            from PIL import ImageCms
+
+            transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                                "LAB", "RGB")
+            return ImageCms.applyTransform(image, transform), note
+        return image.convert("RGB"), note
+    except (ValueError, ImportError, OSError):
+        raise InputError(f"IMAGE: {path} has colour mode {mode}, which PIL cannot turn into RGB; "
+                         "save it as an RGB PNG or JPEG") from None
 
 
 @torch.no_grad()
@@ -245,12 +327,38 @@ def optimise_null_text(pipe, edit: Edit, pivots: list[torch.Tensor], inner_steps
                      tuple(edit.size), edit.region_context)
 
 
-def invert(pipe, image: Image.Image, edit: Edit, inner_steps: int = 10, callback=None) -> tuple[Inversion, list[float]]:
-    """Encode, invert and optimise null texts; also returns plain DDIM inversion's per-step errors for comparison."""
-    if pipe.dtype != torch.float32:
+def negative_prompt_nulls(pipe, edit: Edit) -> dict[str, torch.Tensor]:
+    """Negative-prompt inversion (Miyake et al. 2023), per region: each region's null embedding is its own source
+    prompt at every step, so the source's CFG step is its conditional step, which DDIM inversion undoes."""
+    sampler = _SourceSampler(pipe, edit)
+    return {key: cond.embeds[0].detach().expand(edit.steps, -1, -1).clone() for key, (cond, _) in sampler.encoded.items()}
+
+
+def follow_pivot(latents: dict[int, torch.Tensor], pivot: torch.Tensor, source: int = 0) -> dict[int, torch.Tensor]:
+    """Direct inversion's correction after a step: the source lands exactly on its pivot, and every other image
+    moves by the same offset, so what the edit keeps of the source keeps the photo's own detail."""
+    offset = pivot.to(latents[source]) - latents[source]
+    return {i: (pivot.to(z) if i == source else z + offset.to(z)) for i, z in latents.items()}
+
+
+def invert(pipe, image: Image.Image, edit: Edit, inner_steps: int = 10, callback=None,
+           method: str = "direct") -> tuple[Inversion, list[torch.Tensor]]:
+    """Encode and DDIM-invert a photo with the edit's source layout, then make its source reproducible by `method`
+    (see `Inversion`); also returns the DDIM pivots. Null-text runs in float32 only."""
+    if method not in METHODS:
+        raise InputError(f"--inversion: unknown method {method!r}; use {', '.join(METHODS)}")
+    if method == "null-text" and pipe.dtype != torch.float32:
         raise InputError("--dtype: null-text inversion runs in float32 only; pass --dtype float32")
     z0 = encode_image(pipe, image)
     pivots = ddim_invert(pipe, edit, z0)
-    inversion = optimise_null_text(pipe, edit, pivots, inner_steps, callback)
+    if method == "null-text":
+        return optimise_null_text(pipe, edit, pivots, inner_steps, callback), pivots
+    z_T = pivots[-1].detach().cpu()
+    if method == "negative-prompt":
+        inversion = Inversion(z_T, {k: v.cpu() for k, v in negative_prompt_nulls(pipe, edit).items()}, [],
+                              tuple(edit.size), edit.region_context, method)
+    else:
+        inversion = Inversion(z_T, {}, [], tuple(edit.size), edit.region_context, method,
+                              torch.cat([p.detach().cpu() for p in pivots]))
     return inversion, pivots
 

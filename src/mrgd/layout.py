@@ -147,6 +147,11 @@ class Settings(_Model):
     lambda_is: float = Field(2.0, ge=0)
     lambda_ip: float = Field(300.0, ge=0)  # weight of L_IP, inherent preservation (halved in the second half)
     guidance_every: int = Field(1, ge=1)  # guide every k-th step only (the cheaper mode)
+    guidance_until: Fraction = 1.0  # guide only while k < guidance_until·N: the late steps refine what is there
+    # The decoder Φ and L_IP's pixel term see x̂0 through: "auto" (the family's tiny decoder when it ships one, else
+    # its VAE), "full" (the VAE), "tiny", or a folder holding a diffusers AutoencoderTiny (TAESD family).
+    guidance_vae: str = Field("full", min_length=1)
+    guidance_size: int | None = Field(None, ge=16, le=1024)  # Φ's input side in pixels; None: its processor's
     # §6 (the research code) guides the source too when a region is removed. Off by default: on shapes-v3 the pull of
     # L_IP on both images wrecked removals (10 pairs: CLIP 34.4 / SSIM-e 0.794 / SSIM-i 0.752, target-only 46.5 /
     # 0.865 / 0.942), and a removal's source is what the user asked to keep. benchmarks/results/removal-guidance.md

@@ -50,12 +50,14 @@ PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  allow_pickle: bool = False, guidance_model: str | None = None, prediction_type: str | None = None):
+                  allow_pickle: bool = False, guidance_model: str | None = None, prediction_type: str | None = None,
+                  guidance_vae: str | None = None):
     """Build an MRGDPipeline from a diffusers folder, a hub id or a single-file checkpoint (SD 1.x, SD 2.x, SDXL);
     guidance (CLIPSeg) and scorer (CLIP) when the family ships them or `guidance_model` names one.
 
     Single files load offline with the configs shipped in the package (`mrgd.checkpoint`). `prediction_type`
-    overrides what the model's scheduler config (or, for a single file, the detection) says.
+    overrides what the model's scheduler config (or, for a single file, the detection) says. `guidance_vae` names a
+    tiny decoder (AutoencoderTiny folder) for guidance; by default the family's own `vae_tiny/`, when it has one.
     """
     from .pipeline import MRGDPipeline
 
@@ -91,10 +93,12 @@ def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dt
                              "give a local diffusers folder, a .safetensors file or a reachable hub id") from None
     scheduler = _ddim(sd.scheduler.config, prediction_type)
     guidance, guidance_tok, scorer, scorer_tok = _auxiliary(local, guidance_model, dtype)
+    tiny = guidance_vae or (str(local / "vae_tiny") if (local / "vae_tiny").is_dir() else None)
     pipe = MRGDPipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, scheduler, guidance, guidance_tok,
                         scorer, scorer_tok, device=device, dtype=dtype, name=str(path),
                         text_encoder_2=getattr(sd, "text_encoder_2", None), tokenizer_2=getattr(sd, "tokenizer_2", None),
-                        force_zeros_for_empty_prompt=sd.config.get("force_zeros_for_empty_prompt", True))
+                        force_zeros_for_empty_prompt=sd.config.get("force_zeros_for_empty_prompt", True),
+                        guidance_vae=load_tiny_decoder(tiny, device, dtype) if tiny else None)
     pipe.load_notes = notes
     if guidance is not None:
         pipe.guidance_size = _processor_size(Path(guidance_model) if guidance_model else local / "clipseg")
@@ -132,6 +136,30 @@ def _ddim(config, prediction_type: str | None):
     if prediction_type is not None:
         overrides["prediction_type"] = prediction_type
     return DDIMScheduler.from_config(config, **overrides)
+
+
+def load_tiny_decoder(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A diffusers AutoencoderTiny (the TAESD family) from a folder or hub id, for guidance's cheap decoding."""
+    from diffusers import AutoencoderTiny
+
+    folder = Path(path)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise InputError(f"--guidance-vae: {path} holds no config.json; give an AutoencoderTiny folder "
+                         "(saved by save_pretrained, e.g. madebyollin/taesd)")
+    if folder.exists():
+        try:
+            class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            class_name = None
+        if class_name != "AutoencoderTiny":
+            raise InputError(f"--guidance-vae: {path} is a {class_name or 'folder of unknown kind'}, not an "
+                             "AutoencoderTiny; give a TAESD-family folder, or 'full' for the model's own VAE")
+    try:
+        tiny = AutoencoderTiny.from_pretrained(path, dtype=dtype)
+    except Exception as err:  # missing, unreachable, damaged: the user's to fix
+        raise InputError(f"--guidance-vae: cannot load {path!r} ({type(err).__name__}); give a local "
+                         "AutoencoderTiny folder or a reachable hub id") from None
+    return tiny.to(device).eval().requires_grad_(False)
 
 
 def _processor_size(folder: Path) -> int | None:

@@ -24,6 +24,7 @@ from .attention import (AttentionState, Follow, controlled_attention, cross_alph
                         self_replace_active, self_replace_levels)
 from .ddim import alphas_at, ddim_step, to_epsilon
 from .guidance import Segmenter
+from .inversion import follow_pivot
 from .keywords import KeywordTracker, word_positions
 from .errors import InputError
 from .layout import Edit, Layout, LayoutRegion, Settings
@@ -97,19 +98,23 @@ class MRGDPipeline:
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, guidance_model=None, guidance_tokenizer=None,
                  scorer=None, scorer_tokenizer=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 name: str = "custom", text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: bool = True):
+                 name: str = "custom", text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: bool = True,
+                 guidance_vae=None):
         from .families import family_for
 
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = unet, vae, text_encoder, tokenizer, scheduler
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.guidance_model, self.guidance_tokenizer = guidance_model, guidance_tokenizer
+        self.guidance_vae = guidance_vae  # a tiny decoder (AutoencoderTiny) for guidance, or None: the VAE
+        self._tiny_decoders: dict[str, Any] = {}  # tiny decoders an edit named by folder, loaded once
         self.scorer, self.scorer_tokenizer = scorer, scorer_tokenizer
         self.device, self.dtype, self.name = torch.device(device), dtype, name
         self.family = family_for(unet, text_encoder, tokenizer, text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt)
         # A VAE that asks for force_upcast (SDXL's overflows in fp16) runs in fp32 whenever the rest runs in fp16,
         # in decoding, encoding, guidance and inversion alike: diffusers' SDXL pipeline does the same per decode.
         vae_dtype = torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
-        for module, module_dtype in ((unet, dtype), (vae, vae_dtype), (text_encoder, dtype), (text_encoder_2, dtype)):
+        for module, module_dtype in ((unet, dtype), (vae, vae_dtype), (text_encoder, dtype), (text_encoder_2, dtype),
+                                     (guidance_vae, dtype)):
             if module is not None:
                 _place(module, self.device, module_dtype)
         # The guidance model takes gradients with λ's in the thousands: fp16 would overflow. Keep it, and the
@@ -157,8 +162,13 @@ class MRGDPipeline:
         return GenerateResult(result.source, result.info)
 
     def edit(self, edit: Edit, callback: Callable[[dict], None] | None = None, images: tuple[int, ...] = (SOURCE, TARGET),
-             start_latents: torch.Tensor | None = None, null_embeds: dict | None = None) -> EditResult:
-        """Denoise the source and target of an edit side by side and return both pictures."""
+             start_latents: torch.Tensor | None = None, null_embeds: dict | None = None,
+             source_pivots: torch.Tensor | None = None) -> EditResult:
+        """Denoise the source and target of an edit side by side and return both pictures.
+
+        A real photo (`mrgd.inversion`) comes in as `start_latents` plus either `null_embeds` (null-text or
+        negative-prompt inversion) or `source_pivots` (direct inversion: the source follows the pivots exactly).
+        """
         timer = _Timer()
         settings = edit.mrgd
         steps = edit.steps
@@ -209,11 +219,15 @@ class MRGDPipeline:
                     with timer("guidance"):
                         fused = guide.step(self, k, latents, fused, alpha, alpha_prev, info)
                 latents = {i: fused[i][0] for i in images}
+                if source_pivots is not None:
+                    latents = follow_pivot(latents, source_pivots[steps - 1 - k : steps - k], SOURCE)
                 if callback is not None:
                     callback({"step": k, "steps": steps, "timestep": t, "latents": latents,
                               "x0": {i: fused[i][1] for i in images}})
 
         info["attention_rows"] = {f"{kind}@{level}": n for (kind, level), n in sorted(state.fired.items())}
+        if guide is not None:
+            guide.finish(info)
 
         # 5. Decode.
         with timer("decode"):
@@ -297,8 +311,29 @@ class MRGDPipeline:
             return None
         from .guidance import Guide
 
-        segmenter = Segmenter(self.guidance_model, self.guidance_tokenizer, self.guidance_size)
-        return Guide.for_edit(edit, plans, segmenter, self.latent_factor)
+        segmenter = Segmenter(self.guidance_model, self.guidance_tokenizer, settings.guidance_size or self.guidance_size)
+        name, decode = self.guidance_decoder(settings.guidance_vae)
+        info["guidance_decoder"] = name
+        return Guide.for_edit(edit, plans, segmenter, self.latent_factor, decode)
+
+    def guidance_decoder(self, choice: str = "auto") -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """What guidance sees x̂0 through (method.md §6 decodes with the VAE; a tiny decoder costs a fraction):
+        (its name, latents -> [-1, 1] float images, differentiable). `choice` is `Settings.guidance_vae`."""
+        if choice == "full" or (choice == "auto" and self.guidance_vae is None):
+            return "vae", lambda z: self.decode_tensor(z).float()
+        if choice in ("auto", "tiny"):
+            if self.guidance_vae is None:
+                raise InputError("mrgd.guidance_vae: 'tiny' asked for, but this model has no tiny decoder; "
+                                 "pass --guidance-vae FOLDER (an AutoencoderTiny such as madebyollin/taesd) or 'full'")
+            tiny, name = self.guidance_vae, "tiny"
+        else:
+            from .models import load_tiny_decoder
+
+            if choice not in self._tiny_decoders:
+                self._tiny_decoders[choice] = load_tiny_decoder(choice, self.device, self.dtype)
+            tiny, name = self._tiny_decoders[choice], choice
+        # AutoencoderTiny decodes the latents the UNet sees (its scaling factor is 1 for the TAESD family)
+        return name, lambda z: tiny.decode((z / tiny.config.scaling_factor).to(tiny.dtype)).sample.float()
 
     def _job(self, image: int, plan: RegionPlan, encoded, null_embeds, step: int) -> Job:
         cond, uncond = encoded[(image, plan.key)]
@@ -341,6 +376,8 @@ class MRGDPipeline:
             out = self.unet(model_in, t, encoder_hidden_states=torch.cat([r.embeds for r in rows]), **extra).sample
             info["unet_calls"] += 1
             info["unet_batch_sizes"].append(model_in.shape[0])
+            # the UNet's work grows with rows × latent pixels: what region fusion costs against a plain pass
+            info["unet_pixel_rows"] = info.get("unet_pixel_rows", 0) + model_in.shape[0] * model_in.shape[-2] * model_in.shape[-1]
             if cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + scale * (out_cond - out_uncond)
