@@ -220,20 +220,27 @@ def test_fp16_vae_that_asks_for_upcast_runs_in_fp32(sdxl_parts):
     assert image.dtype == torch.float32
 
 
-def test_sdxl_edit_explain_invert_and_bench_through_the_cli(sdxl_parts, sdxl_folder, tmp_path, capsys):
-    """Everything else follows: the commands that run on SD 1.x run on an SDXL folder with a guidance model."""
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_edit_explain_invert_and_bench_through_the_cli(family, sdxl_parts, sdxl_folder, tmp_path, capsys):
+    """Everything else follows: the commands that run on SD 1.x run on an SDXL and an SD 2.x-v folder with a
+    guidance model."""
     import json
 
     from PIL import Image
 
     from conftest import make_tiny_clipseg, run_cli
 
+    parts = sdxl_parts if family == "sdxl" else tiny_sd2()
+    folder = sdxl_folder
+    if family == "sd2":
+        folder = tmp_path / "tiny-sd2"
+        diffusers_pipeline(parts).save_pretrained(folder)
     seg = tmp_path / "clipseg"
-    make_tiny_clipseg(sdxl_parts["tokenizer"]).save_pretrained(seg)
-    sdxl_parts["tokenizer"].save_pretrained(seg)
+    make_tiny_clipseg(parts["tokenizer"]).save_pretrained(seg)
+    parts["tokenizer"].save_pretrained(seg)
     edit = tmp_path / "edit.json"
     edit.write_text(json.dumps({**SDXL_EDIT, "steps": 3, "mrgd": {"method": "mrgd", "keyword_steps": [2, 1]}}))
-    model = ["--model", sdxl_folder, "--guidance-model", seg]
+    model = ["--model", folder, "--guidance-model", seg]
 
     code, _, err = run_cli(capsys, "edit", edit, "-o", tmp_path / "e", *model, "--explain")
     assert code == 0, err
@@ -244,7 +251,9 @@ def test_sdxl_edit_explain_invert_and_bench_through_the_cli(sdxl_parts, sdxl_fol
     code, out, err = run_cli(capsys, "invert", tmp_path / "photo.png", edit, "-o", tmp_path / "i", *model,
                              "--inner-steps", "2", "--method", "p2p", "--min-psnr", "0")
     assert code == 0, err
-    assert "PSNR" in out and json.loads((tmp_path / "i" / "info.json").read_text())["family"] == "sdxl"
+    info = json.loads((tmp_path / "i" / "info.json").read_text())
+    assert "PSNR" in out and info["family"] == ("sdxl" if family == "sdxl" else "sd")
+    assert info["prediction_type"] == ("epsilon" if family == "sdxl" else "v_prediction")
 
     suite = tmp_path / "suite"
     suite.mkdir()
