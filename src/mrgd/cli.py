@@ -483,7 +483,7 @@ def serve_cmd(
                                       "lets other machines in")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="port to listen on")] = 7860,
 ) -> None:
-    """Serve the web UI: draw regions on a canvas, generate, edit and invert in the browser (needs mrgd[web])."""
+    """Serve the web UI: draw regions on a canvas, generate, edit and invert in the browser (the web extra)."""
     from .web import missing_extra
 
     if missing_extra():
