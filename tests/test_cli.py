@@ -169,3 +169,10 @@ def test_invert_then_edit_from_inversion(capsys, tmp_path, tiny_model_dir, inver
 def test_usage_errors_exit_2_on_one_line(capsys, args):
     code, _, err = run(capsys, *args)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_more_steps_than_the_scheduler_takes_is_bad_input(capsys, tmp_path, tiny_model_dir):
+    path = tmp_path / "edit.json"
+    path.write_text(json.dumps({**THREE_REGION_EDIT, "steps": 1000}))
+    code, _, err = run(capsys, "edit", path, "-o", tmp_path / "o", "--model", tiny_model_dir)
+    assert code == 2 and "steps: 1000" in err and "at most 999" in err and not (tmp_path / "o").exists()

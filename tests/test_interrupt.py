@@ -19,7 +19,7 @@ MRGD = Path(sys.executable).with_name("mrgd")
 
 
 def test_sigint_during_edit_leaves_nothing_and_exits_130(tmp_path, tiny_model_dir):
-    edit = {**THREE_REGION_EDIT, "steps": 1000, "mrgd": {"method": "p2p"}}  # far longer than the test waits
+    edit = {**THREE_REGION_EDIT, "steps": 900, "mrgd": {"method": "p2p"}}  # far longer than the test waits
     (tmp_path / "edit.json").write_text(json.dumps(edit))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -10,6 +10,19 @@ from __future__ import annotations
 import torch
 
 
+def set_timesteps(scheduler, steps: int) -> list[int]:
+    """The scheduler's timesteps for `steps` DDIM steps, refusing a count whose timesteps would run past the
+    training schedule (SD's `steps_offset` 1 puts 1000 steps' first timestep at 1000, one past the last)."""
+    from .errors import InputError
+
+    scheduler.set_timesteps(steps, device="cpu")
+    timesteps = scheduler.timesteps.tolist()
+    if max(timesteps) >= len(scheduler.alphas_cumprod):
+        most = len(scheduler.alphas_cumprod) - scheduler.config.steps_offset
+        raise InputError(f"steps: {steps} is more than this model's scheduler takes; use at most {most}")
+    return timesteps
+
+
 def alphas_at(scheduler, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ᾱ_t, ᾱ_prev) for a DDIM step from `timestep`, exactly as diffusers' DDIMScheduler picks them."""
     prev = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps

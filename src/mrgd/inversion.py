@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .attention import AttentionState, controlled_attention
-from .ddim import ddim_invert_step, ddim_step
+from .ddim import ddim_invert_step, ddim_step, set_timesteps
 from .errors import InputError
 from .layout import Edit
 
@@ -255,8 +255,7 @@ def ddim_invert(pipe, edit: Edit, z0: torch.Tensor) -> list[torch.Tensor]:
     """
     sampler = _SourceSampler(pipe, edit)
     scheduler = pipe.scheduler
-    scheduler.set_timesteps(edit.steps, device="cpu")
-    forward = scheduler.timesteps.tolist()
+    forward = set_timesteps(scheduler, edit.steps)
     delta = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     initial = torch.tensor(1.0) if scheduler.config.set_alpha_to_one else scheduler.alphas_cumprod[0]
     pivots = [z0]
@@ -285,13 +284,13 @@ def optimise_null_text(pipe, edit: Edit, pivots: list[torch.Tensor], inner_steps
 
     sampler = _SourceSampler(pipe, edit)
     scheduler = pipe.scheduler
-    scheduler.set_timesteps(edit.steps, device="cpu")
+    timesteps = set_timesteps(scheduler, edit.steps)
     nulls = {key: [] for key in sampler.encoded}
     current = {key: uncond.embeds.detach().clone() for key, (_, uncond) in sampler.encoded.items()}
     x = pivots[-1]
     losses = []
     with controlled_attention(pipe.unet, sampler.state):
-        for k, t in enumerate(scheduler.timesteps.tolist()):
+        for k, t in enumerate(timesteps):
             alpha, alpha_prev = alphas_at(scheduler, t)
             target = pivots[len(pivots) - 2 - k]
             jobs_keys = [j.key for j in sampler.jobs(k)]

@@ -22,7 +22,7 @@ from PIL import Image
 from . import fusion
 from .attention import (AttentionState, Follow, controlled_attention, cross_alpha, map_level, refine_mapping,
                         self_replace_active, self_replace_levels)
-from .ddim import alphas_at, ddim_step, to_epsilon
+from .ddim import alphas_at, ddim_step, set_timesteps, to_epsilon
 from .guidance import Segmenter
 from .inversion import follow_pivot
 from .keywords import KeywordTracker, word_positions
@@ -190,7 +190,7 @@ class MRGDPipeline:
         state.kssa_scale = settings.kssa_scale
 
         # 3. Timesteps and the initial noise, shared by source and target.
-        self.scheduler.set_timesteps(steps, device="cpu")
+        timesteps = set_timesteps(self.scheduler, steps)
         h, w = edit.size[1] // self.latent_factor, edit.size[0] // self.latent_factor
         seeded = [(fusion.latent_box(r.box, edit.size, self.latent_factor), r.seed)
                   for r in edit.regions if r.seed is not None]
@@ -204,7 +204,7 @@ class MRGDPipeline:
 
         # 4. The denoising loop.
         with controlled_attention(self.unet, state), torch.no_grad():
-            for k, t in enumerate(self.scheduler.timesteps.tolist()):
+            for k, t in enumerate(timesteps):
                 alpha, alpha_prev = alphas_at(self.scheduler, t)
                 jobs = [self._job(i, p, encoded, null_embeds, k) for i in images for p in plans[i] if k >= p.first_step]
                 with timer("unet"):
