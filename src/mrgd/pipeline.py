@@ -311,7 +311,11 @@ class MRGDPipeline:
             return None
         from .guidance import Guide
 
-        segmenter = Segmenter(self.guidance_model, self.guidance_tokenizer, settings.guidance_size or self.guidance_size)
+        # Φ reads its processor's size (352 for CLIPSeg rd64), but never more pixels than the picture has: an
+        # upsampled 256² canvas shows it nothing new, and its vision tower's cost grows with the pixel count.
+        native = self.guidance_size or self.guidance_model.config.vision_config.image_size
+        segmenter = Segmenter(self.guidance_model, self.guidance_tokenizer,
+                              settings.guidance_size or min(native, max(edit.size)))
         name, decode = self.guidance_decoder(settings.guidance_vae)
         info["guidance_decoder"] = name
         return Guide.for_edit(edit, plans, segmenter, self.latent_factor, decode)
