@@ -92,6 +92,7 @@ def main() -> None:
             result = pipe.edit(edit, **inversion.edit_kwargs())
             recon, target = result.source, result.target
             entry = {"psnr": psnr(recon, image), "ssim": ssim(recon, image), "ssim_i": ssim_i(recon, target, edit),
+                     "ssim_i_input": ssim_i(image, target, edit),
                      "clip_before": None, "clip_after": None, "seconds": round(seconds, 3)}
             if pipe.scorer is not None:
                 entry["clip_before"] = mean(clip_in_box(recon, edit, pipe.scorer, pipe.scorer_tokenizer).values())
@@ -105,7 +106,7 @@ def main() -> None:
         print(f"image {i + 1}/{args.n}: " + ", ".join(f"{m} {e['psnr']:.2f} dB {e['seconds']:.1f} s"
                                                      for m, e in row["methods"].items()), flush=True)
 
-    keys = ["psnr", "ssim", "clip_before", "clip_after", "ssim_i", "seconds"]
+    keys = ["psnr", "ssim", "clip_before", "clip_after", "ssim_i", "ssim_i_input", "seconds"]
     means = {m: {k: mean(r["methods"][m][k] for r in rows) for k in keys} for m in inversions}
     medians = {m: statistics.median(r["methods"][m]["seconds"] for r in rows) for m in inversions}
     baseline = {"psnr_ddim": mean(r["psnr_ddim"] for r in rows), "psnr_vae": mean(r["psnr_vae"] for r in rows)}
@@ -122,16 +123,18 @@ def main() -> None:
              f"{args.method}; null-text with {args.inner_steps} inner steps; model `{args.model}`)", "",
              "`python benchmarks/inversion.py` (this file's own command line is in its JSON). PSNR in dB against the "
              "input; CLIP in the recoloured box against the target prompt, before (on the reconstruction) and after "
-             "(on the target); SSIM-i between reconstruction and target; seconds per inversion (median, "
+             "(on the target); SSIM-i between reconstruction and target, and between the input photo and target (what "
+             "the user keeps of the photo; a reconstruction that smooths the photo away scores the first one higher); "
+             "seconds per inversion (median, "
              f"{torch.get_num_threads()} threads).", "",
-             "| inversion | PSNR | SSIM | CLIP before | CLIP after | SSIM-i | s/inversion | speed-up vs null-text |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| inversion | PSNR | SSIM | CLIP before | CLIP after | SSIM-i | SSIM-i vs input | s/inversion | speed-up vs null-text |",
+             "|---|---|---|---|---|---|---|---|---|"]
     reference = medians.get("null-text")
     for m in inversions:
         e = means[m]
         speed = f"{reference / medians[m]:.1f}x" if reference else "n/a"
         lines.append(f"| {m} | {fmt(e['psnr'])} | {fmt(e['ssim'], 3)} | {fmt(e['clip_before'])} | {fmt(e['clip_after'])} "
-                     f"| {fmt(e['ssim_i'], 3)} | {medians[m]:.2f} | {speed} |")
+                     f"| {fmt(e['ssim_i'], 3)} | {fmt(e['ssim_i_input'], 3)} | {medians[m]:.2f} | {speed} |")
     lines += ["", f"Plain DDIM inversion (no correction, CFG 7): {fmt(baseline['psnr_ddim'])} dB; VAE round trip (the "
               f"ceiling): {fmt(baseline['psnr_vae'])} dB.", "", "Per image (PSNR dB / seconds):", "",
               "| image | edit | " + " | ".join(inversions) + " |", "|---|---|" + "---|" * len(inversions)]

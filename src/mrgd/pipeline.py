@@ -201,6 +201,8 @@ class MRGDPipeline:
         else:
             noise = start_latents
         latents = {i: noise.to(self.device, self.dtype) for i in images}
+        # direct inversion corrects the target only outside the edited boxes: those follow their own prompts
+        keep = self._inherent_mask(edit, (h, w)) if source_pivots is not None else None
 
         # 4. The denoising loop.
         with controlled_attention(self.unet, state), torch.no_grad():
@@ -220,7 +222,7 @@ class MRGDPipeline:
                         fused = guide.step(self, k, latents, fused, alpha, alpha_prev, info)
                 latents = {i: fused[i][0] for i in images}
                 if source_pivots is not None:
-                    latents = follow_pivot(latents, source_pivots[steps - 1 - k : steps - k], SOURCE)
+                    latents = follow_pivot(latents, source_pivots[steps - 1 - k : steps - k], SOURCE, keep)
                 if callback is not None:
                     callback({"step": k, "steps": steps, "timestep": t, "latents": latents,
                               "x0": {i: fused[i][1] for i in images}})
@@ -269,6 +271,13 @@ class MRGDPipeline:
         if fusion.needs_canvas_fallback(full.size, backgrounds):
             plans.insert(0, RegionPlan(CANVAS, "canvas", full, layout.prompt, layout.negative_prompt, None, "background"))
         return plans
+
+    def _inherent_mask(self, edit: Edit, hw: tuple[int, int]) -> torch.Tensor:
+        """1 outside the added, removed and modified boxes, with a soft edge (ℳ of method.md §6), at latent size."""
+        from .guidance import inherent_mask
+
+        edited = [fusion.latent_box(r.box, edit.size, self.latent_factor) for r in edit.regions if r.role != "inherent"]
+        return inherent_mask(edited, hw).to(self.device)
 
     def _region_plan(self, layout: Layout, region: LayoutRegion, size, control: str) -> RegionPlan:
         box = fusion.latent_box(region.box, size, self.latent_factor)
