@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def main() -> None:
     means = {m: {k: mean(r["methods"][m][k] for r in rows) for k in keys} for m in inversions}
     medians = {m: statistics.median(r["methods"][m]["seconds"] for r in rows) for m in inversions}
     baseline = {"psnr_ddim": mean(r["psnr_ddim"] for r in rows), "psnr_vae": mean(r["psnr_vae"] for r in rows)}
-    report = {"model": args.model, "images": args.n, "steps": args.steps, "inner_steps": args.inner_steps,
+    report = {"command": "python benchmarks/inversion.py " + " ".join(sys.argv[1:]), "model": args.model, "images": args.n, "steps": args.steps, "inner_steps": args.inner_steps,
               "method": args.method, "guidance_scale": 7.0, "size": [128, 128], "seed": args.seed,
               "scorer": "the model family's clip/" if pipe.scorer is not None else None,
               "threads": torch.get_num_threads(), "mean": means, "median_seconds": medians, **baseline, "rows": rows}
@@ -121,7 +122,7 @@ def main() -> None:
     fmt = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
     lines = [f"# Multi-region inversion ({args.n} shapes-world images, 128x128, {args.steps} steps, CFG 7, edit with "
              f"{args.method}; null-text with {args.inner_steps} inner steps; model `{args.model}`)", "",
-             "`python benchmarks/inversion.py` (this file's own command line is in its JSON). PSNR in dB against the "
+             f"`{report['command'].strip()}`. PSNR in dB against the "
              "input; CLIP in the recoloured box against the target prompt, before (on the reconstruction) and after "
              "(on the target); SSIM-i between reconstruction and target, and between the input photo and target (what "
              "the user keeps of the photo; a reconstruction that smooths the photo away scores the first one higher); "
