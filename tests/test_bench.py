@@ -256,3 +256,45 @@ def test_two_processes_give_the_one_process_results(capsys, tmp_path, suite, tin
     for name in ("sheet-add.png", "sheet-remove.png", "sheet-attribute.png", "results.md"):
         assert (tmp_path / "two" / name).exists()
     shutil.rmtree(tmp_path / "hf", ignore_errors=True)
+
+
+def test_suite_listing_may_be_an_object_that_names_its_role(tmp_path):
+    folder = write_suite(tmp_path / "s")
+    entries = json.loads((folder / "suite.json").read_text())
+    (folder / "suite.json").write_text(json.dumps({"role": "test", "about": "never tuned on", "pairs": entries}))
+    assert [p.name for p in bench.load_suite(folder)] == ["add-a", "remove-a", "attr-a"]
+    assert bench.suite_info(folder) == {"role": "test", "about": "never tuned on"}
+    assert bench.suite_info(write_suite(tmp_path / "plain")) == {}
+    (folder / "suite.json").write_text(json.dumps({"role": "test", "pairs": []}))
+    with pytest.raises(InputError, match="non-empty list"):
+        bench.load_suite(folder)
+
+
+def test_summary_splits_each_task_into_overlapping_and_separate_pairs(tmp_path):
+    def record(pair, variant, task, overlap, clip, e, i):
+        return {"pair": pair, "variant": variant, "label": variant.upper(), "task": task, "clip": clip, "ssim_e": e,
+                "ssim_i": i, "seconds": 1.0, "unet_calls": 10, "steps": 20, "notes": [], "overlap": overlap}
+
+    records = [record("a1", "p2p", "add", True, 10.0, 0.5, 0.5), record("a2", "p2p", "add", True, 20.0, 0.7, 0.9),
+               record("a3", "p2p", "add", False, 30.0, 0.25, 0.75), record("a1", "mrgd", "add", True, 40.0, 0.9, 0.8)]
+    split = bench.summarise(records)["split"]
+    assert split["p2p"]["add"]["overlap"] == {"n": 2, "clip": 15.0, "ssim_e": pytest.approx(0.6),
+                                             "ssim_i": pytest.approx(0.7)}
+    assert split["p2p"]["add"]["separate"] == {"n": 1, "clip": 30.0, "ssim_e": 0.25, "ssim_i": 0.75}
+    assert split["mrgd"]["add"]["separate"]["n"] == 0
+    md = bench.write_markdown(bench.summarise(records), tmp_path / "r.md", records=records,
+                              suite={"role": "test", "about": "No default is tuned on it."})
+    assert "| add, overlap | 2 | 15.00 / 0.6000 / 0.7000 | 40.00 / 0.9000 / 0.8000 |" in md
+    assert "| add, separate | 1 | 30.00 / 0.2500 / 0.7500 | n/a / n/a / n/a |" in md
+    assert "Suite role: **test**. No default is tuned on it." in md
+
+
+def test_records_carry_the_overlap_class(tmp_path, tiny_pipe):
+    regions = [{**GROUND, "prompt": "grass"}, {"id": "ball", "box": [0.1, 0.1, 0.4, 0.4], "prompt": "a red circle"},
+               {"id": "toy", "box": [0.4, 0.4, 0.4, 0.4], "target_prompt": "a purple star"}]
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "touch.json").write_text(json.dumps({"size": [64, 64], "seed": 1, "steps": 2, "regions": regions}))
+    results = bench.run_bench(tiny_pipe, folder, tmp_path / "out", bench.variants(["multidiffusion"]))
+    assert [r["overlap"] for r in results["records"]] == [True]
+    assert results["summary"]["split"]["multidiffusion"]["add"]["overlap"]["n"] == 1

@@ -161,3 +161,22 @@ def test_clip_in_box_matches_hand_computation(clip, edit, image):
         text_embed = model.text_projection(model.text_model(input_ids=ids).pooler_output)[0]
     expected = 100 * float(image_embed @ text_embed / (image_embed.norm() * text_embed.norm()))
     assert scores["ball"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_overlap_class_needs_an_edited_box_over_an_inherent_foreground_box():
+    from mrgd.metrics import boxes_intersect, overlaps_inherent
+
+    assert boxes_intersect([0, 0, 0.5, 0.5], [0.4, 0.4, 0.5, 0.5])
+    assert not boxes_intersect([0, 0, 0.5, 0.5], [0.5, 0, 0.5, 0.5])  # edges touching share no area
+
+    def edit(*regions):
+        return Edit.from_dict({"regions": [{"id": "bg", "kind": "background", "box": [0, 0, 1, 1], "prompt": "sea"},
+                                           *regions]})
+
+    added = {"id": "new", "box": [0.4, 0.4, 0.3, 0.3], "target_prompt": "a red circle"}
+    assert overlaps_inherent(edit(added, {"id": "old", "box": [0.1, 0.1, 0.4, 0.4], "prompt": "a blue star"}))
+    assert not overlaps_inherent(edit(added, {"id": "old", "box": [0.0, 0.0, 0.4, 0.4], "prompt": "a blue star"}))
+    assert not overlaps_inherent(edit(added))  # the background does not count
+    # two edited boxes overlapping each other, no inherent foreground: separate
+    assert not overlaps_inherent(edit(added, {"id": "gone", "box": [0.5, 0.5, 0.3, 0.3], "prompt": "a star",
+                                              "target_prompt": None}))

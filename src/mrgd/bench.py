@@ -34,6 +34,8 @@ RECORDS = "records.jsonl"
 CONFIG = "bench.json"
 MAX_SHEET_ROWS = 25
 METRICS = ("clip", "ssim_e", "ssim_i")
+# Each task's pairs split by `metrics.overlaps_inherent`: an edited box intersects an inherent foreground box.
+CLASSES = ("overlap", "separate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,7 +106,8 @@ def _task_of(edit: Edit, path: Path) -> str:
 
 
 def _suite_entries(suite: Path) -> tuple[Path, list[dict[str, Any]]]:
-    """(base folder, entries) of a suite folder, a suite .json list, or a folder of edit files."""
+    """(base folder, entries) of a suite folder, a suite .json list (or a ``{"pairs": [...], ...}`` object that
+    also says what the suite is for, see :func:`suite_info`), or a folder of edit files."""
     if suite.is_file():
         base, listing = suite.parent, suite
     elif suite.is_dir():
@@ -114,18 +117,33 @@ def _suite_entries(suite: Path) -> tuple[Path, list[dict[str, Any]]]:
     if not listing.exists():
         files = sorted(p for p in base.iterdir() if p.suffix.lower() in (".json", ".yaml", ".yml") and p.is_file())
         if not files:
-            raise InputError(f"SUITE: {base} holds no suite.json and no edit files (.json/.yaml)")
+            raise InputError(f"SUITE: {base} holds no suite.json and no edit files (.json/.yaml); "
+                             "give a folder holding suite.json or edit files")
         return base, [{"file": p.name} for p in files]
     try:
         entries = json.loads(listing.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{listing}: cannot read it as JSON ({type(err).__name__}); fix the file") from None
+    if isinstance(entries, dict):
+        entries = entries.get("pairs")
     if not isinstance(entries, list) or not entries:
         raise InputError(f'{listing}: expected a non-empty list of {{"file": ..., "task": ...}} entries')
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
             raise InputError(f'{listing}: [{i}].file: missing; give each entry {{"file": "add-00.json", "task": "add"}}')
     return base, entries
+
+
+def suite_info(suite: str | Path) -> dict[str, Any]:
+    """What a suite's suite.json says about itself when it is an object: ``role`` ("tuning", "test") and
+    ``about``; empty for a plain list or a folder of edit files."""
+    suite = Path(suite)
+    listing = suite if suite.is_file() else suite / "suite.json"
+    try:
+        data = json.loads(listing.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return {k: data[k] for k in ("role", "about") if isinstance(data, dict) and isinstance(data.get(k), str)}
 
 
 def load_suite(suite: str | Path, limit: int | None = None, steps: int | None = None) -> list[Pair]:
@@ -151,7 +169,8 @@ def load_suite(suite: str | Path, limit: int | None = None, steps: int | None = 
         if name in seen:
             raise InputError(f"SUITE: {entry['file']} and {seen[name]} share the name {name!r}; rename one")
         seen[name] = entry["file"]
-        task = entry.get("task") or _task_of(edit, path)
+        task = _task_of(edit, path)  # also refuses a pair that changes nothing, whatever task it claims
+        task = entry.get("task") or task
         pairs.append(Pair(name, entry["file"], str(task), str(entry.get("description", "")), edit))
     if limit is None or limit >= len(pairs):
         return pairs
@@ -279,7 +298,7 @@ def image_paths(pair: str, variant: str) -> tuple[str, str]:
 
 def run_job(pipe, pair: Pair, variant: Variant, out_dir: Path, scorer=None, scorer_tokenizer=None) -> dict[str, Any]:
     """Run one (pair, variant), save its two pictures and return its record."""
-    from .metrics import clip_in_box, ssim_e, ssim_i
+    from .metrics import clip_in_box, overlaps_inherent, ssim_e, ssim_i
     from .render import save_png
 
     edit = pair.edit_for(variant)
@@ -294,7 +313,7 @@ def run_job(pipe, pair: Pair, variant: Variant, out_dir: Path, scorer=None, scor
     scores = [s for s in (clip_regions or {}).values() if math.isfinite(s)]
     return {
         "pair": pair.name, "variant": variant.name, "label": variant.label, "task": pair.task, "file": pair.file,
-        "seed": edit.seed, "steps": edit.steps, "size": list(edit.size),
+        "overlap": overlaps_inherent(edit), "seed": edit.seed, "steps": edit.steps, "size": list(edit.size),
         "clip": sum(scores) / len(scores) if scores else None,
         "clip_regions": clip_regions,
         "ssim_e": _number(ssim_e(result.source, result.target, edit)),
@@ -382,13 +401,19 @@ def finish(out_dir: Path, jobs: Sequence[tuple[Pair, Variant]], config: dict[str
     for path in _rank_files(out_dir):
         path.unlink()
     current = [r for r in records if (r["pair"], r["variant"]) in order]
+    from .metrics import overlaps_inherent
+
+    pair_of = {pair.name: pair for pair, _ in jobs}
+    for record in current:  # records written before the overlap class existed
+        if "overlap" not in record:
+            record["overlap"] = overlaps_inherent(pair_of[record["pair"]].edit)
     summary = summarise(current)
     variant_list = list({v.name: v for _, v in jobs}.values())
-    results = {"config": config, "variants": [{"name": v.name, "label": v.label, "overrides": v.overrides}
+    results = {"config": config, "suite": suite_info(config["suite"]), "variants": [{"name": v.name, "label": v.label, "overrides": v.overrides}
                                               for v in variant_list],
                "records": current, "summary": summary}
     _write_text(out_dir / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-    write_markdown(summary, out_dir / "results.md", config=config, records=current)
+    write_markdown(summary, out_dir / "results.md", config=config, records=current, suite=results["suite"])
     for task in summary["tasks"]:
         contact_sheet([r for r in current if r["task"] == task], out_dir, out_dir / f"sheet-{task}.png")
     return results
@@ -407,13 +432,16 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per-task, per-variant means of CLIP, SSIM-e, SSIM-i, seconds and UNet calls (nulls left out of means).
 
     Returns ``{"tasks", "variants", "labels", "table": {variant: {task: {n, clip, ssim_e, ssim_i, seconds,
-    unet_calls}}}, "cost": {variant: {n, seconds, unet_calls}}}``; variants and tasks in order of appearance
-    (tasks: add, remove, attribute first).
+    unet_calls}}}, "split": {variant: {task: {"overlap" | "separate": {n, clip, ssim_e, ssim_i}}}},
+    "cost": {variant: {n, seconds, unet_calls}}}``; variants and tasks in order of appearance (tasks: add, remove,
+    attribute first). ``split`` divides each task by the records' ``overlap`` class (`metrics.overlaps_inherent`);
+    records without one are left out of it.
     """
     tasks = _task_order(r["task"] for r in records)
     names = list(dict.fromkeys(r["variant"] for r in records))
     labels = {r["variant"]: r.get("label", r["variant"]) for r in records}
     table: dict[str, dict[str, dict[str, Any]]] = {}
+    split: dict[str, dict[str, dict[str, Any]]] = {}
     cost: dict[str, dict[str, Any]] = {}
     for name in names:
         mine = [r for r in records if r["variant"] == name]
@@ -423,9 +451,16 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             table[name][task] = {"n": len(cell), **{m: _mean(r[m] for r in cell) for m in METRICS},
                                  "seconds": _mean(r["seconds"] for r in cell),
                                  "unet_calls": _mean(r["unet_calls"] for r in cell)}
+        split[name] = {task: {cls: _cell([r for r in mine if r["task"] == task and "overlap" in r
+                                          and r["overlap"] == (cls == "overlap")]) for cls in CLASSES}
+                       for task in tasks}
         cost[name] = {"n": len(mine), "seconds": _mean(r["seconds"] for r in mine),
                       "unet_calls": _mean(r["unet_calls"] for r in mine)}
-    return {"tasks": tasks, "variants": names, "labels": labels, "table": table, "cost": cost}
+    return {"tasks": tasks, "variants": names, "labels": labels, "table": table, "split": split, "cost": cost}
+
+
+def _cell(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"n": len(records), **{m: _mean(r[m] for r in records) for m in METRICS}}
 
 
 def _fmt(value: float | None, decimals: int) -> str:
@@ -433,9 +468,10 @@ def _fmt(value: float | None, decimals: int) -> str:
 
 
 def write_markdown(summary: dict[str, Any], path: str | Path, *, config: dict[str, Any] | None = None,
-                   records: Sequence[dict[str, Any]] = ()) -> str:
-    """results.md: the paper's Table 1 layout (rows variants; per task CLIP / SSIM-e / SSIM-i), then cost."""
-    config = config or {}
+                   records: Sequence[dict[str, Any]] = (), suite: dict[str, Any] | None = None) -> str:
+    """results.md: the paper's Table 1 layout (rows variants; per task CLIP / SSIM-e / SSIM-i), each task split
+    into overlapping and separate pairs, then cost."""
+    config, suite = config or {}, suite or {}
     tasks, names, labels = summary["tasks"], summary["variants"], summary["labels"]
     counts = {t: max((summary["table"][v][t]["n"] for v in names), default=0) for t in tasks}
     steps = sorted({r["steps"] for r in records})
@@ -448,6 +484,7 @@ def write_markdown(summary: dict[str, Any], path: str | Path, *, config: dict[st
         f"{sum(counts.values())} pairs ({', '.join(f'{t} {counts[t]}' for t in tasks)}); "
         "every variant of a pair uses the pair's seed. Metrics as in method.md §8.",
         "",
+        *([f"Suite role: **{suite['role']}**. {suite.get('about', '')}".rstrip(), ""] if suite.get("role") else []),
         "| variant | " + " | ".join(f"{t} ({counts[t]}): CLIP / SSIM-e / SSIM-i" for t in tasks) + " |",
         "|---|" + "---|" * len(tasks),
     ]
@@ -458,6 +495,20 @@ def write_markdown(summary: dict[str, Any], path: str | Path, *, config: dict[st
             cells.append("–" if not cell["n"] else
                          f"{_fmt(cell['clip'], 2)} / {_fmt(cell['ssim_e'], 4)} / {_fmt(cell['ssim_i'], 4)}")
         lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    split = summary.get("split")
+    if split and any(split[v][t][c]["n"] for v in names for t in tasks for c in CLASSES):
+        lines += ["", "Split by overlap: *overlap* = an edited box (added, removed, modified) intersects an inherent "
+                      "foreground box with positive area (`mrgd.metrics.overlaps_inherent`); *separate* = none does. "
+                      "Cells: CLIP / SSIM-e / SSIM-i.", "",
+                  "| task | pairs | " + " | ".join(labels[n] for n in names) + " |", "|---|---|" + "---|" * len(names)]
+        for task in tasks:
+            for cls in CLASSES:
+                n = max(split[v][task][cls]["n"] for v in names)
+                if not n:
+                    continue
+                cells = [f"{_fmt(c['clip'], 2)} / {_fmt(c['ssim_e'], 4)} / {_fmt(c['ssim_i'], 4)}"
+                         for c in (split[v][task][cls] for v in names)]
+                lines.append(f"| {task}, {cls} | {n} | " + " | ".join(cells) + " |")
     if records and all(r["clip"] is None for r in records):
         lines += ["", "CLIP: n/a, no scorer (the model folder has no clip/; pass --scorer, e.g. "
                       "openai/clip-vit-base-patch16 as in the paper)."]

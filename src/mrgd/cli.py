@@ -356,6 +356,10 @@ def _check_inversion_tensors(inversion, pipe, the_edit, path: Path) -> None:
         if tuple(tensor.shape) != shape:
             raise InputError(f"--from-inversion: {path}: {name} has shape {list(tensor.shape)}, this model and size "
                              f"need {list(shape)}; invert the image again with this model and edit")
+    for key, null in inversion.null_embeds.items():  # one null embedding per step of the edit
+        if null.ndim < 2 or null.shape[0] != the_edit.steps:
+            raise InputError(f"--from-inversion: {path}: null/{key} has shape {list(null.shape)}, one row per step of "
+                             f"the {the_edit.steps}-step edit is needed; invert the image again with this edit")
     tensors = {**{name: t for name, (t, _) in shapes.items()}, **inversion.null_embeds}
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():

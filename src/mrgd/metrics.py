@@ -81,6 +81,22 @@ def edit_masks(edit: Edit) -> dict[str, np.ndarray]:
     return {"edited": edited, "ring": grown & ~edited, "inherent": inherent}
 
 
+def boxes_intersect(a: Box, b: Box) -> bool:
+    """Whether two fractional [x, y, w, h] boxes share an area greater than zero (touching edges do not)."""
+    dx = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    dy = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return dx > 0 and dy > 0
+
+
+def overlaps_inherent(edit: Edit) -> bool:
+    """The bench's overlap class of a pair: True when an edited box (added, removed or modified region) intersects
+    an inherent foreground box with positive area, in the edit's fractional boxes (before clamping to the canvas).
+    Background regions never count: every box lies on one."""
+    edited = [r.box for r in edit.regions if r.role in EDITED_ROLES]
+    inherent = [r.box for r in edit.regions if r.role == "inherent" and r.kind == "foreground"]
+    return any(boxes_intersect(a, b) for a in edited for b in inherent)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SSIM and PSNR
 
