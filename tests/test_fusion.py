@@ -9,14 +9,17 @@ from hypothesis import strategies as st
 
 from mrgd.fusion import (
     LatentBox,
+    clear_mask,
     composite,
     context_window,
     feather_mask,
     group_by_size,
+    grow_box,
     initial_noise,
     latent_box,
     needs_canvas_fallback,
     pad_to_multiple,
+    under_weights,
     unpad,
     within,
 )
@@ -196,6 +199,52 @@ def test_composite_returns_new_tensor_and_keeps_dtype():
 def test_composite_rejects_mismatched_mask():
     with pytest.raises(ValueError):
         composite(_const(0), [], [(FULL, _const(1), torch.ones(3, 4))])
+
+
+def test_composite_weights_of_one_are_the_plain_means():
+    a, b = LatentBox(0, 4, 0, 3), LatentBox(0, 4, 1, 4)
+    fgs = [(a, _const(2, 4, 3), torch.full((4, 3), 0.5)), (b, _const(4, 4, 3), torch.ones(4, 3))]
+    plain = composite(_const(0), [(FULL, _const(1))], fgs)
+    weighted = composite(_const(0), [(FULL, _const(1))], [(*f, torch.ones(f[2].shape)) for f in fgs])
+    assert torch.equal(plain, weighted)
+
+
+def test_composite_weight_zero_drops_a_crop_and_a_low_total_fades_to_the_background():
+    box = LatentBox(0, 4, 0, 4)
+    top, under = _const(8), _const(2)
+    out = composite(_const(0), [(FULL, _const(1))],
+                    [(box, top, torch.ones(4, 4)), (box, under, torch.ones(4, 4), torch.zeros(4, 4))])
+    assert torch.allclose(out, top)  # the weight-0 crop is not averaged in
+    faded = composite(_const(0), [(FULL, _const(1))], [(box, top, torch.ones(4, 4), torch.full((4, 4), 0.25))])
+    assert torch.allclose(faded, _const(0.75 * 1 + 0.25 * 8))
+    gone = composite(_const(0), [(FULL, _const(1))], [(box, top, torch.ones(4, 4), torch.zeros(4, 4))])
+    assert torch.allclose(gone, _const(1))
+    with pytest.raises(ValueError):
+        composite(_const(0), [], [(box, top, torch.ones(4, 4), torch.ones(3, 4))])
+
+
+def test_an_edited_box_on_top_takes_its_overlap_from_its_own_crop():
+    inherent, added = LatentBox(0, 4, 0, 3), LatentBox(0, 4, 1, 4)
+    added_mask = torch.ones(4, 3)
+    (weight,) = under_weights((4, 4), [(added, added_mask)], [inherent])
+    assert weight[:, 0].eq(1).all() and weight[:, 1:].eq(0).all()  # 1 outside the added box, 0 under its core
+    out = composite(_const(0), [(FULL, _const(0))],
+                    [(inherent, _const(2, 4, 3), torch.ones(4, 3), weight), (added, _const(6, 4, 3), added_mask)])
+    assert out[..., 0].eq(2).all() and out[..., 1:].eq(6).all()  # the averaged composite gave 4 in the overlap
+    feathered = feather_mask(4, 3, 1.0)
+    (soft,) = under_weights((4, 4), [(added, feathered)], [inherent])
+    assert torch.allclose(soft[..., 1:], 1 - feathered[..., :2])
+
+
+def test_clear_mask_and_grow_box():
+    box = LatentBox(2, 6, 2, 6)
+    mask = clear_mask((8, 8), [box], 0.0)
+    assert mask[box.slices].eq(0).all() and mask.sum() == 64 - 16
+    soft = clear_mask((8, 8), [box], 1.0)
+    assert soft[2, 2] == 1 and soft[3, 3] == 0.75 and soft[0, 0] == 1  # hole feathered inside the box (r = 2)
+    assert grow_box(box, 0.25, (8, 8)) == LatentBox(1, 7, 1, 7)
+    assert grow_box(LatentBox(0, 4, 5, 8), 0.5, (8, 8)) == LatentBox(0, 6, 3, 8)  # clamped
+    assert grow_box(box, 0.0, (8, 8)) == box
 
 
 def test_needs_canvas_fallback():

@@ -208,3 +208,66 @@ def test_guidance_window_and_vision_shared_across_queries(tiny_guided_pipe):
     together = seg(image, ["a red circle", "grass", "a blue square"], (8, 8))
     alone = torch.stack([seg(image, [text], (8, 8))[0] for text in ["a red circle", "grass", "a blue square"]])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_ip_step_x0_moves_x0_by_the_ip_gradient_itself_at_any_noise_level():
+    from mrgd.guidance import ip_step_scale
+
+    x_t, x0, grad = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    for a in (0.0365, 0.5, 0.893):  # k = 3, 12, 17 of 20 on the embedded schedule
+        alpha = torch.tensor(a)
+        _, moved = ddim_restep(x_t, x0, grad * ip_step_scale(alpha), alpha, torch.tensor(min(a + 0.05, 0.999)))
+        assert torch.allclose(x0 - moved, grad, atol=1e-4)  # §6's rule alone would move it (1 - a)/√a times grad
+
+
+def test_limit_step_caps_the_x0_move_and_leaves_small_steps_alone():
+    from mrgd.guidance import limit_step
+
+    alpha = torch.tensor(0.0365)  # the re-step scales a gradient by (1 - ᾱ)/√ᾱ ≈ 5.04 into x̂0
+    grad = torch.randn(1, 4, 8, 8)
+    factor = (1 - alpha) / alpha.sqrt()
+    capped = limit_step(grad, alpha, 0.5)
+    assert torch.allclose((factor * capped).pow(2).mean().sqrt(), torch.tensor(0.5), atol=1e-5)
+    assert torch.allclose(capped / grad, (capped / grad).flatten()[0].expand_as(grad))  # same direction
+    small = grad * 0.01
+    assert torch.equal(limit_step(small, alpha, 0.5), small)
+    assert limit_step(grad, alpha, None) is grad
+
+
+def test_rs_regions_edited_leaves_inherent_regions_out_of_l_rs(tiny_guided_pipe):
+    from mrgd.guidance import Guide, Segmenter
+    from mrgd.pipeline import SOURCE, TARGET
+
+    pipe = tiny_guided_pipe
+    _, decode = pipe.guidance_decoder("full")
+
+    def guide(**mrgd):
+        edit = _edit(method="mrgd", **mrgd)
+        plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
+        return Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer),
+                              pipe.latent_factor, decode)
+
+    every, edited = guide(), guide(rs_regions="edited")
+    assert every._rs_rows(TARGET) == [0, 1, 2]  # ball (inherent), kite (modified), toy (added)
+    assert [edited.regions[TARGET][n][0] for n in edited._rs_rows(TARGET)] == ["kite", "toy"]
+    assert [edited.regions[SOURCE][n][0] for n in edited._rs_rows(SOURCE)] == ["kite", "rock"]
+    torch.manual_seed(0)
+    x0 = {SOURCE: torch.randn(1, 4, 8, 8), TARGET: torch.randn(1, 4, 8, 8)}
+    _, all_parts = every.loss(decode, x0, 10)
+    _, edited_parts = edited.loss(decode, x0, 10)
+    assert edited_parts["rs"] < all_parts["rs"] and edited_parts["ip"] == all_parts["ip"]
+
+
+def test_removal_margin_grows_the_ip_hole_over_removed_boxes_only(tiny_guided_pipe):
+    from mrgd.guidance import Guide, Segmenter
+
+    pipe = tiny_guided_pipe
+    _, decode = pipe.guidance_decoder("full")
+    holes = []
+    for margin in (0.0, 0.5):
+        edit = _edit(method="mrgd", removal_margin=margin)
+        plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
+        holes.append(Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer),
+                                    pipe.latent_factor, decode).edited)
+    (kite, toy, rock), (kite2, toy2, rock2) = holes
+    assert (kite, toy) == (kite2, toy2) and rock2.h > rock.h and rock2.w > rock.w

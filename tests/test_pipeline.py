@@ -182,3 +182,31 @@ def test_guidance_input_size_is_read_from_the_saved_image_processor(tmp_path, ki
         ViTImageProcessor(size={"height": 352, "width": 352}).save_pretrained(tmp_path)
     assert _processor_size(tmp_path) == (96 if kind == "clip" else 352)
     assert _processor_size(tmp_path / "missing") is None
+
+
+def _overlapping_addition(**mrgd):
+    data = copy.deepcopy(THREE_REGION_EDIT)
+    data["regions"][3]["box"] = [0.3, 0.55, 0.45, 0.4]  # the added toy now overlaps the inherent ball
+    data["mrgd"] = {"method": "p2p", **mrgd}
+    return Edit.from_dict(data)
+
+
+def test_edited_on_top_changes_only_the_image_and_place_where_an_edited_box_overlaps(tiny_pipe):
+    plain = tiny_pipe.edit(_edit())
+    assert torch.equal(plain.latents["target"], tiny_pipe.edit(_edit(edited_on_top=["added"])).latents["target"])
+    before, after = (tiny_pipe.edit(_overlapping_addition(**m)) for m in ({}, {"edited_on_top": ["added"]}))
+    assert torch.equal(before.latents["source"], after.latents["source"])  # the toy is only in the target
+    assert not torch.equal(before.latents["target"], after.latents["target"])
+
+
+def test_total_clears_removed_leaves_the_source_and_changes_the_target(tiny_pipe):
+    # THREE_REGION_EDIT removes "rock"; r_total is active in the last steps of both images
+    before, after = tiny_pipe.edit(_edit()), tiny_pipe.edit(_edit(total_clears_removed=True))
+    assert torch.equal(before.latents["source"], after.latents["source"])
+    assert not torch.equal(before.latents["target"], after.latents["target"])
+    plans = tiny_pipe._plan_regions(_edit(total_clears_removed=True), _edit().target(), 1, 5)
+    total = next(p for p in plans if p.key == "__total__")
+    # rock [0.05, 0.05, 0.3, 0.3] on a 64 px canvas (f = 8): latent rows and columns 0-2, too small to feather
+    hole = torch.ones(8, 8)
+    hole[:3, :3] = 0
+    assert torch.equal(total.weight, hole)

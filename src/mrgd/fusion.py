@@ -114,7 +114,7 @@ def initial_noise(
 def composite(
     canvas: Tensor,
     backgrounds: list[tuple[LatentBox, Tensor]],
-    foregrounds: list[tuple[LatentBox, Tensor, Tensor]],
+    foregrounds: list[tuple],
 ) -> Tensor:
     """Layered MultiDiffusion composite of region outputs (method.md §2, "Fusion").
 
@@ -122,6 +122,11 @@ def composite(
     where none covers p. Where foregrounds cover p: fg(p) = mean of their crops, m(p) = mean of their
     feather masks, z = (1 − m)·bg + m·fg; elsewhere z = bg. Crops are [B, C, h, w], masks [h, w].
     When ``needs_canvas_fallback`` is False the canvas values are never used (zeros will do).
+
+    A foreground may be ``(box, crop, mask, weight)``, ``weight`` [h, w] in [0, 1] (ours; see `under_weights` and
+    `clear_mask`): then fg(p) = Σ w_i·crop_i / Σ w_i and m(p) = Σ w_i·m_i / max(Σ w_i, 1), so weights of 1 give the
+    means above exactly, a crop of weight 0 drops out, and where the weights sum below 1 the foreground fades
+    towards the background.
     """
     # Accumulate in at least float32 so fp16 crops are averaged without extra rounding.
     acc_dtype = torch.promote_types(canvas.dtype, torch.float32)
@@ -138,16 +143,50 @@ def composite(
     fg_sum = torch.zeros(canvas.shape, dtype=acc_dtype, device=device)
     mask_sum = torch.zeros(hw, dtype=acc_dtype, device=device)
     fg_count = torch.zeros(hw, dtype=acc_dtype, device=device)
-    for box, crop, mask in foregrounds:
+    for box, crop, mask, *weight in foregrounds:
         if tuple(mask.shape) != box.size or tuple(crop.shape[-2:]) != box.size:
             raise ValueError(f"crop {tuple(crop.shape)} / mask {tuple(mask.shape)} do not match box {box.size}")
-        fg_sum[box.slices] += crop.to(acc_dtype)
-        mask_sum[box.slices] += mask.to(device=device, dtype=acc_dtype)
-        fg_count[box.slices] += 1
-    denom = fg_count.clamp(min=1)
-    foreground, mask = fg_sum / denom, mask_sum / denom
+        w = weight[0] if weight and weight[0] is not None else None
+        if w is None:
+            fg_sum[box.slices] += crop.to(acc_dtype)
+            mask_sum[box.slices] += mask.to(device=device, dtype=acc_dtype)
+            fg_count[box.slices] += 1
+            continue
+        if tuple(w.shape) != box.size:
+            raise ValueError(f"weight {tuple(w.shape)} does not match box {box.size}")
+        w = w.to(device=device, dtype=acc_dtype)
+        fg_sum[box.slices] += w * crop.to(acc_dtype)
+        mask_sum[box.slices] += w * mask.to(device=device, dtype=acc_dtype)
+        fg_count[box.slices] += w
+    foreground = fg_sum / torch.where(fg_count > 0, fg_count, torch.ones_like(fg_count))
+    mask = mask_sum / fg_count.clamp(min=1)
     blended = (1 - mask) * background + mask * foreground
     return torch.where(fg_count > 0, blended, background).to(canvas.dtype)
+
+
+def grow_box(box: LatentBox, margin: float, hw: tuple[int, int]) -> LatentBox:
+    """The box grown on every side by ceil(margin × its larger side) latent pixels, clamped to the canvas."""
+    pad = math.ceil(round(margin * max(box.h, box.w), _ROUND_DECIMALS))
+    return LatentBox(max(box.y0 - pad, 0), min(box.y1 + pad, hw[0]), max(box.x0 - pad, 0), min(box.x1 + pad, hw[1]))
+
+
+def clear_mask(hw: tuple[int, int], boxes: list[LatentBox], ratio: float) -> Tensor:
+    """1 everywhere but a feathered hole (`feather_mask` of ``ratio``) over each box: r_total's weight in the
+    target over the boxes of removed regions (`Settings.total_clears_removed`). [h, w]"""
+    weight = torch.ones(hw)
+    for box in boxes:
+        weight[box.slices] = torch.minimum(weight[box.slices], 1 - feather_mask(box.h, box.w, ratio))
+    return weight
+
+
+def under_weights(hw: tuple[int, int], above: list[tuple[LatentBox, Tensor]], below: list[LatentBox]) -> list[Tensor]:
+    """Weights of the ``below`` boxes' crops where the ``above`` boxes (with their feather masks) lie over them:
+    1 − the largest covering mask, so an edited object is composited over an inherent one instead of averaged with
+    it (`Settings.edited_on_top`). One [h, w] weight per ``below`` box, in its order."""
+    cover = torch.zeros(hw)
+    for box, mask in above:
+        cover[box.slices] = torch.maximum(cover[box.slices], mask.to(cover))
+    return [1 - cover[box.slices] for box in below]
 
 
 def needs_canvas_fallback(latent_hw: tuple[int, int], background_boxes: list[LatentBox]) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fusion import LatentBox, feather_mask
+from .fusion import LatentBox, feather_mask, grow_box
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,6 +84,27 @@ class LossWeights:
     @property
     def any(self) -> bool:
         return self.rs > 0 or self.is_ > 0 or self.ip > 0
+
+
+def ip_step_scale(alpha: torch.Tensor | float) -> float:
+    """√ᾱ_t / (1 − ᾱ_t): undoes the re-step's scaling of a gradient into x̂0 (`Settings.ip_step` "x0", ours).
+
+    §6's re-step moves x̂0 by (1 − ᾱ_t)/√ᾱ_t·g: 5.0·g at k = 3 of 20 steps, where L_IP (λ 300, its latent term
+    alone) then pulls the target's x̂0 three times past the source's, and 0.11·g at k = 17, where it barely pulls.
+    """
+    alpha = float(alpha)
+    return alpha**0.5 / max(1 - alpha, 1e-6)
+
+
+def limit_step(grad: torch.Tensor, alpha: torch.Tensor | float, max_step: float | None) -> torch.Tensor:
+    """The gradient scaled down so that the re-step moves x̂0 by at most `max_step` RMS (latent units; ours,
+    `Settings.guidance_max_step`): the re-step moves x̂0 by (1 − ᾱ_t)/√ᾱ_t·g, which on shapes-v3 reached 1-2 RMS per
+    step at k = 3-9, as much as x̂0's own RMS (~1.7). None: no limit."""
+    if max_step is None:
+        return grad
+    alpha = torch.as_tensor(alpha, dtype=torch.float32, device=grad.device)
+    rms = (1 - alpha) / alpha.sqrt() * grad.float().pow(2).mean().sqrt()
+    return grad * (max_step / rms.clamp_min(max_step)).to(grad.dtype)  # on the device: no host sync
 
 
 def loss_weights(step: int, steps: int, lambda_rs: float, lambda_is: float, lambda_ip: float) -> LossWeights:
@@ -172,6 +193,7 @@ class Guide:
     edited: list[LatentBox]
     update_source: bool  # a removal with settings.guide_source_on_removal: the source is guided too
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> [-1, 1] float images: what Φ and L_IP look at
+    rs_keys: frozenset[str] | None = None  # regions L_RS pulls (Settings.rs_regions "edited"); None: every one
     selected: dict[tuple[int, str], list[str]] | None = None  # keyword selection fills this in
     last_maps: dict[int, torch.Tensor] | None = None
 
@@ -187,10 +209,15 @@ class Guide:
         ids_t = {key for key, _ in regions[TARGET]}
         common = [key for key, _ in regions[SOURCE] if key in ids_t]
         boxes = {p.key: p.box for image in (SOURCE, TARGET) for p in plans[image]}
-        edited = [boxes[r.id] for r in edit.regions if r.role != "inherent"]
+        # a removed object may reach past its box: L_IP's hole over it grows by Settings.removal_margin
+        edited = [grow_box(boxes[r.id], edit.mrgd.removal_margin, hw) if r.role == "removed" else boxes[r.id]
+                  for r in edit.regions if r.role != "inherent"]
+        rs_keys = (frozenset(r.id for r in edit.regions if r.role != "inherent")
+                   if edit.mrgd.rs_regions == "edited" else None)
         return cls(segmenter, edit.mrgd, edit.steps, factor, hw, regions, prompts,
                    {r.id: list(r.keywords) for r in edit.regions}, common, edited,
-                   edit.mrgd.guide_source_on_removal and any(r.role == "removed" for r in edit.regions), decode)
+                   edit.mrgd.guide_source_on_removal and any(r.role == "removed" for r in edit.regions), decode,
+                   rs_keys)
 
     def weights(self, step: int) -> LossWeights:
         s = self.settings
@@ -205,17 +232,30 @@ class Guide:
         return [query_text(self.prompts[(image, key)], selected.get((image, key), []), self.user_keywords.get(key, []))
                 for key, _ in self.regions[image]]
 
+    def _rs_rows(self, image: int) -> list[int]:
+        """Rows of an image's maps that L_RS pulls: every foreground region, or only edited ones (rs_regions)."""
+        return [n for n, (key, _) in enumerate(self.regions[image]) if self.rs_keys is None or key in self.rs_keys]
+
     def _box_masks(self, image: int) -> torch.Tensor:
         masks = [box_mask(box, self.hw) for _, box in self.regions[image]]
         return torch.stack(masks) if masks else torch.zeros((0, *self.hw))
 
-    def loss(self, decode, x0: dict[int, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = λ_rs·L_RS + λ_is·L_IS + λ_ip·L_IP on the fused x̂0 of both images."""
+    def loss(self, decode, x0: dict[int, torch.Tensor], step: int,
+             alpha: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = λ_rs·L_RS + λ_is·L_IS + λ_ip·L_IP on the fused x̂0 of both images.
+
+        With `Settings.ip_step` "x0" and the step's ᾱ_t given, the L_IP term is divided by (1 − ᾱ_t)/√ᾱ_t, the factor
+        by which the §6 re-step (`ddim.ddim_restep`) scales a gradient into x̂0: x̂0 then moves by λ_ip·∇L_IP itself at
+        every noise level (see `ip_step_scale`).
+        """
         w = self.weights(step)
+        if alpha is not None and self.settings.ip_step == "x0":
+            w = LossWeights(w.rs, w.is_, w.ip * ip_step_scale(alpha))
         images = {i: decode(x0[i]) for i in (SOURCE, TARGET)}
         maps = {i: self.segmenter(images[i], self.texts(i), self.hw) for i in (SOURCE, TARGET)}
         self.last_maps = {i: m.detach().cpu() for i, m in maps.items()}
-        rs = sum(region_specific_loss(maps[i], self._box_masks(i).to(maps[i])) for i in (SOURCE, TARGET))
+        rs = sum(region_specific_loss(maps[i][keep], self._box_masks(i).to(maps[i])[keep])
+                 for i in (SOURCE, TARGET) for keep in [self._rs_rows(i)])
         index = {i: [key for key, _ in self.regions[i]] for i in (SOURCE, TARGET)}
         pick = {i: [index[i].index(key) for key in self.common] for i in (SOURCE, TARGET)}
         is_ = infonce_loss(maps[SOURCE][pick[SOURCE]], maps[TARGET][pick[TARGET]])
@@ -235,7 +275,7 @@ class Guide:
         guided = [TARGET, SOURCE] if self.update_source else [TARGET]
         x0 = {i: fused[i][1].detach().float().requires_grad_(i in guided) for i in (SOURCE, TARGET)}
         with torch.enable_grad():
-            loss, parts = self.loss(self.decode, x0, step)
+            loss, parts = self.loss(self.decode, x0, step, alpha)
             grads = torch.autograd.grad(loss, [x0[i] for i in guided])
         # A non-finite gradient leaves the step unguided (g = 0 re-steps to the fused latent), decided on the device
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
@@ -243,6 +283,7 @@ class Guide:
         out = dict(fused)
         for i, grad in zip(guided, grads):
             grad = torch.where(finite, grad, torch.zeros_like(grad))
+            grad = limit_step(grad, alpha, self.settings.guidance_max_step)
             x_prev, x0_new = ddim_restep(latents_t[i].float(), x0[i].detach(), grad, alpha, alpha_prev)
             out[i] = (x_prev.to(fused[i][0].dtype), x0_new.to(fused[i][1].dtype))
         return out

@@ -152,11 +152,32 @@ class Settings(_Model):
     # its VAE), "full" (the VAE), "tiny", or a folder holding a diffusers AutoencoderTiny (TAESD family).
     guidance_vae: str = Field("full", min_length=1)
     guidance_size: int | None = Field(None, ge=16, le=1024)  # Φ's input side in pixels; None: its processor's
+    # How L_IP's gradient moves x̂0 (ours: "x0"). §6's re-step ("epsilon") scales every gradient by (1 − ᾱ_t)/√ᾱ_t
+    # on its way into x̂0: from 5.0 at k = 3 of 20 (L_IP's latent term then pulls the target's x̂0 three times past
+    # the source's, amplifying their difference) to 0.11 at k = 17 (where r_total repaints and L_IP barely pulls).
+    # "x0" moves x̂0 by λ_ip·∇L_IP itself at every step (guidance.ip_step_scale); L_RS and L_IS keep §6's rule.
+    ip_step: Literal["epsilon", "x0"] = "epsilon"
+    # The most a guided re-step may move x̂0, as an RMS over the latent (ours; §6 has no limit): the gradient is
+    # scaled down to it (guidance.limit_step). None: no limit.
+    guidance_max_step: float | None = Field(None, gt=0)
     # §6 (the research code) guides the source too when a region is removed. Off by default: on shapes-v3 the pull of
     # L_IP on both images wrecked removals (10 pairs: CLIP 34.4 / SSIM-e 0.794 / SSIM-i 0.752, target-only 46.5 /
     # 0.865 / 0.942), and a removal's source is what the user asked to keep. benchmarks/results/removal-guidance.md
     guide_source_on_removal: bool = False
     add_in_source: bool = False  # also write added boxes into the source, global prompt only (§2)
+    # Composite order (ours; §2 averages every foreground crop covering a pixel): regions of these roles are
+    # composited over the inherent foreground boxes they overlap (their crops weigh 1 − its feather mask there;
+    # fusion.under_weights) in the image they are in, instead of averaged with them.
+    edited_on_top: tuple[Literal["added", "removed", "modified"], ...] = ()
+    # r_total in the target over a removed box (ours; §2 lets it cover the whole canvas): it weighs 1 − the box's
+    # feather mask there (fusion.clear_mask), so what the removed object leaves is the background's.
+    total_clears_removed: bool = False
+    # A removed object may have reached past its box in the source: L_IP's hole over a removed box, and r_total's
+    # (total_clears_removed), grow by this fraction of the box's larger side (ours; fusion.grow_box).
+    removal_margin: float = Field(0.0, ge=0, le=1)
+    # Which target regions L_RS pulls towards their box (ours: "edited"; §6: "all" foreground regions): an inherent
+    # region's reference is the source, which L_IP keeps; L_RS on it chased its prompt instead.
+    rs_regions: Literal["all", "edited"] = "all"
 
     def replace_fractions(self, control: Control) -> tuple[float, float]:
         """(cross, self) replacement fractions for a control kind; added and removed regions get no control."""

@@ -46,6 +46,8 @@ class Job:
     uncond: EncodedPrompt
     mask: torch.Tensor | None = None  # feather mask (foreground layer)
     tight: bool = False  # an added region: its crop gets no context window (see _predict)
+    layer_rank: int = 0  # composite: 2 edited (over 1), 1 inherent foreground, 0 r_total (see _fuse)
+    weight: torch.Tensor | None = None  # composite weight of the crop (fusion.composite), None: 1
 
 
 @dataclass
@@ -61,6 +63,8 @@ class RegionPlan:
     control: str  # background | inherent | modified | added | removed | total
     first_step: int = 0
     parts: list[tuple[str | None, str]] | None = None  # r_total: named parts, so tokens know their region
+    layer_rank: int = 0  # composite: 2 edited, composited over 1 inherent (Settings.edited_on_top); 0 never
+    weight: torch.Tensor | None = None  # composite weight (Settings.total_clears_removed), None: 1
 
 
 @dataclass
@@ -265,8 +269,19 @@ class MRGDPipeline:
             # r_total joins for the last floor(T*N) + 1 steps (method.md §1)
             first = max(0, steps - (int(edit.total_fraction * steps) + 1))
             parts = [(None, layout.prompt)] + [(r.id, r.prompt) for r in layout.regions]
-            plans.append(RegionPlan(TOTAL, "foreground", full, layout.total_prompt(), layout.negative_prompt,
-                                    torch.ones(full.size), "total", first, parts))
+            total = RegionPlan(TOTAL, "foreground", full, layout.total_prompt(), layout.negative_prompt,
+                               torch.ones(full.size), "total", first, parts)
+            removed = [r for r in edit.regions if r.role == "removed"]
+            if image == TARGET and settings.total_clears_removed and removed:
+                # r_total knows every object of the target but not where: over a removed box it drew one of them
+                boxes = [fusion.grow_box(fusion.latent_box(r.box, edit.size, self.latent_factor),
+                                         settings.removal_margin, full.size) for r in removed]
+                total.weight = fusion.clear_mask(full.size, boxes, removed[0].feather)
+            plans.append(total)
+        if settings.edited_on_top:
+            for plan in plans:
+                if plan.layer == "foreground" and plan.key != TOTAL:
+                    plan.layer_rank = 2 if plan.control in settings.edited_on_top else 1
         backgrounds = [p.box for p in plans if p.layer == "background"]
         if fusion.needs_canvas_fallback(full.size, backgrounds):
             plans.insert(0, RegionPlan(CANVAS, "canvas", full, layout.prompt, layout.negative_prompt, None, "background"))
@@ -356,7 +371,8 @@ class MRGDPipeline:
                 raise InputError(f"--from-inversion: region {plan.key!r} was inverted with a prompt of another "
                                  "chunk count; invert again with this edit's source prompts")
             uncond = dataclasses.replace(uncond, embeds=null)
-        return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask, tight=plan.control == "added")
+        return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask, tight=plan.control == "added",
+                   layer_rank=plan.layer_rank, weight=plan.weight)
 
     def _predict(self, jobs: list[Job], latents, t, scale: float, state: AttentionState, setup, step: int,
                  steps: int, schedule: str, info, tracker=None, context: float = 0.0) -> list[torch.Tensor]:
@@ -465,6 +481,13 @@ class MRGDPipeline:
     def _fuse(self, jobs: list[Job], outputs, image: int, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layered composite (method.md §2) of x_{t−1} and of x̂0 for one image."""
         fused = []
+        mine = [job for job in jobs if job.image == image and job.layer == "foreground"]
+        weights = {id(job): job.weight for job in mine}
+        above = [(job.box, job.mask) for job in mine if job.layer_rank == 2]
+        below = [job for job in mine if job.layer_rank == 1]
+        if above and below:  # edited objects composite over inherent ones (Settings.edited_on_top)
+            for job, w in zip(below, fusion.under_weights(tuple(current.shape[-2:]), above, [j.box for j in below])):
+                weights[id(job)] = w if job.weight is None else w * job.weight
         for which in (0, 1):
             canvas = torch.zeros_like(current)
             backgrounds, foregrounds = [], []
@@ -476,7 +499,7 @@ class MRGDPipeline:
                 elif job.layer == "background":
                     backgrounds.append((job.box, out[which]))
                 else:
-                    foregrounds.append((job.box, out[which], job.mask.to(current)))
+                    foregrounds.append((job.box, out[which], job.mask.to(current), weights[id(job)]))
             fused.append(fusion.composite(canvas, backgrounds, foregrounds))
         return fused[0], fused[1]
 
