@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,56 @@ def test_a_paused_segment_can_be_shortened_or_lengthened(tmp_path):
     assert run(tmp_path, 5, PauseAfter(None))[0]
     state = T.Checkpoint(tmp_path / "toy" / "state.pt").load()
     assert state["step"] == 5 and state["segments"] == [(0, 5)]
+
+
+def test_a_unet_stage_started_from_a_model_folder_extends_it_and_assembles_over_it(tmp_path):
+    """unet_init: the shipped folder's UNet and text tower as a finished stage at unet_init_step; two more steps
+    with random-vocabulary captions; the assembled folder is the base with only unet/ and text_encoder/ new."""
+    from diffusers import UNet2DConditionModel
+
+    from mrgd.models import DEFAULT_MODEL
+    from mrgd.toyworld import data as D
+
+    (tmp_path / "data").mkdir()
+    D.save_pool(D.make_scene_pool(4, 0), tmp_path / "data" / "scenes.npz")
+    D.save_pool(D.make_crop_pool(4, 1), tmp_path / "data" / "crops.npz")
+    cfg = T.TrainConfig(out=str(tmp_path), threads=1, unet_init=str(DEFAULT_MODEL), unet_init_step=100,
+                        unet_fillers_from=100, unet_steps=102, unet_batch=2, stages=["unet", "assemble"])
+    assert T.train(cfg)
+    state = T.Checkpoint(tmp_path / "unet" / "state.pt").load()
+    assert state["step"] == 102 and state["segments"] == [(0, 100), (100, 102)]
+    model = tmp_path / "model"
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in DEFAULT_MODEL.iterdir())
+    assert (model / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (DEFAULT_MODEL / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    stored = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}  # fp16 on disk, as assembled
+    base = UNet2DConditionModel.from_pretrained(DEFAULT_MODEL / "unet").float().state_dict()
+    trained = state["models"]["unet"]
+    assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_taesd_stage_distils_a_tiny_decoder_that_loads_as_guidance_decoder(tmp_path, monkeypatch):
+    """The taesd stage on a handful of scenes and a tiny VAE: it trains, saves a loadable AutoencoderTiny, and the
+    decoder moves towards the VAE's decoding (the loss falls)."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from mrgd.models import load_tiny_decoder
+    from mrgd.toyworld import data as D
+
+    cfg = T.TrainConfig(out=str(tmp_path), taesd_steps=100, taesd_batch=2)  # logged every 50 steps
+    D.save_pool(D.make_scene_pool(8, 0), (tmp_path / "data").mkdir() or tmp_path / "data" / "scenes.npz")
+    D.save_pool(D.make_crop_pool(8, 1), tmp_path / "data" / "crops.npz")
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
+                  mid_block_add_attention=False).save_pretrained(tmp_path / "vae" / "final")
+    assert T.stage_taesd(cfg, T.Budget(None))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+              if '"step"' in line]
+    assert losses[-1] < losses[0]
+    tiny = load_tiny_decoder(str(tmp_path / "taesd" / "final"))
+    assert isinstance(tiny, AutoencoderTiny) and tiny.decode(torch.zeros(1, 4, 8, 8)).sample.shape == (1, 3, 64, 64)
+    assert "block_out_channels" not in json.loads((tmp_path / "taesd" / "final" / "config.json").read_text())

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from . import grounding
-from .models import CLIP_SIZE, CLIPSEG_SIZE, IMAGE_SIZE, VISION, make_clip, make_clipseg, make_noise_scheduler, make_unet, make_vae
+from .models import (CLIP_SIZE, CLIPSEG_SIZE, IMAGE_SIZE, VISION, make_clip, make_clipseg, make_noise_scheduler,
+                     make_tiny_vae, make_unet, make_vae)
+from .fillers import pad_with_random
 from .world import BACKGROUNDS, COLORS, SHAPES
 from ..guidance import CLIP_MEAN, CLIP_STD
 
@@ -42,7 +44,10 @@ class TrainConfig:
     clip_phrase_from: int = 700  # the step it was switched on in the committed run (v1 trained without it)
     vae_steps: int = 2200
     vae_batch: int = 32
-    unet_steps: int = 15600
+    taesd_steps: int = 2000
+    taesd_batch: int = 32
+    taesd_noise: float = 0.6  # latents the student sees are perturbed up to this std: guidance decodes x̂0 guesses
+    unet_steps: int = 17100
     unet_batch: int = 32
     unet_crop_fraction: float = 0.4  # share of UNet steps on region-level crops (MultiDiffusion denoises crops)
     cfg_dropout: float = 0.1
@@ -55,11 +60,21 @@ class TrainConfig:
     unet_grounding_weight_late: float = 0.05
     unet_diffuse_weight: float = 0.5
     unet_layout_captions: float = 0.3
+    # From this step on (v4) this share of captions, scenes and crops alike, is padded with random vocabulary
+    # (fillers.py), whose maps the diffuse loss spreads: unknown filler words then attend evenly too.
+    unet_fillers_from: int = 15600
+    unet_random_fillers: float = 0.5
+    # Start the UNet stage from an assembled model folder (its unet/, text_encoder/, vae/, tokenizer/) as if this run
+    # had finished the stage at unet_init_step; unet_steps beyond it extend it like any finished stage (a warm
+    # restart at half the peak rate), with a fresh optimizer. shapes-v4 = shapes-v3 extended so.
+    unet_init: str | None = None
+    unet_init_step: int = 15600
     clipseg_steps: int = 2500
     clipseg_batch: int = 64
     clipseg_dice: float = 1.0  # soft Dice beside BCE: BCE alone left masks under-confident (IoU best at p > 0.2)
     clipseg_backbone_lr: float = 0.1  # the vision tower is tuned too, at this fraction of the decoder's rate
-    stages: list[str] = field(default_factory=lambda: ["data", "tokenizer", "clip", "vae", "unet", "clipseg", "assemble"])
+    stages: list[str] = field(default_factory=lambda: ["data", "tokenizer", "clip", "vae", "taesd", "unet", "clipseg",
+                                                        "assemble"])
     minutes: float | None = None  # pause (resumably) after this much wall time in this invocation
 
 
@@ -206,10 +221,10 @@ def stage_tokenizer(cfg: TrainConfig, budget: Budget) -> bool:
     return True
 
 
-def _tokenizer(cfg):
+def _tokenizer(cfg, folder: Path | None = None):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(Path(cfg.out) / "tokenizer"))
+    return CLIPTokenizer.from_pretrained(str(folder or Path(cfg.out) / "tokenizer"))
 
 
 def _pools(cfg):
@@ -275,6 +290,13 @@ def stage_clip(cfg: TrainConfig, budget: Budget) -> bool:
     return True
 
 
+def _scene_crops(rng, scenes: D.ScenePool, batch: int, side: int = 64) -> np.ndarray:
+    """Random side x side crops of random scenes, on the latent grid (the autoencoders are fully convolutional)."""
+    idx = rng.integers(0, len(scenes.images), batch)
+    ys, xs = rng.integers(0, IMAGE_SIZE - side + 1, (2, batch)) // 8 * 8
+    return np.stack([scenes.images[i, y:y + side, x:x + side] for i, y, x in zip(idx, ys, xs)])
+
+
 def stage_vae(cfg: TrainConfig, budget: Budget) -> bool:
     """AutoencoderKL on 64 x 64 crops of scenes (it is fully convolutional); L1 + MSE + a small KL."""
     final = Path(cfg.out) / "vae" / "final"
@@ -286,10 +308,7 @@ def stage_vae(cfg: TrainConfig, budget: Budget) -> bool:
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
 
     def step_fn(rng, step):
-        idx = rng.integers(0, len(scenes.images), cfg.vae_batch)
-        ys, xs = rng.integers(0, IMAGE_SIZE - 64 + 1, (2, cfg.vae_batch)) // 8 * 8
-        batch = np.stack([scenes.images[i, y:y + 64, x:x + 64] for i, y, x in zip(idx, ys, xs)])
-        x = D.to_tensor(batch)
+        x = D.to_tensor(_scene_crops(rng, scenes, cfg.vae_batch))
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
         l1, mse = (rec - x).abs().mean(), (rec - x).pow(2).mean()
@@ -306,6 +325,56 @@ def stage_vae(cfg: TrainConfig, budget: Budget) -> bool:
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     vae.save_pretrained(final)
     return True
+
+
+def stage_taesd(cfg: TrainConfig, budget: Budget) -> bool:
+    """A tiny decoder (diffusers' AutoencoderTiny, TAESD's architecture) distilled from the VAE: guidance looks at
+    every step's x̂0 through a decoder, and the VAE's backward pass cost as much as all the UNet work.
+
+    The student learns to reproduce the VAE's decoding of scaled latents (what the UNet sees), also of latents
+    perturbed by noise, because guidance decodes x̂0 guesses that are not clean posterior means; its encoder
+    learns the VAE's posterior mean. L1 + MSE on 64 x 64 crops, like the VAE stage.
+    """
+    from diffusers import AutoencoderKL
+
+    final = Path(cfg.out) / "taesd" / "final"
+    if _finished(cfg, "taesd", cfg.taesd_steps):
+        return True
+    vae = AutoencoderKL.from_pretrained(Path(cfg.out) / "vae" / "final").eval().requires_grad_(False)
+    scale = vae.config.scaling_factor
+    scenes, _ = _pools(cfg)
+    torch.manual_seed(cfg.seed)
+    tiny = make_tiny_vae()
+    opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def step_fn(rng, step):
+        x = D.to_tensor(_scene_crops(rng, scenes, cfg.taesd_batch))
+        noise = torch.from_numpy(rng.standard_normal((cfg.taesd_batch, 4, 8, 8))).float()
+        level = torch.from_numpy(rng.uniform(0, cfg.taesd_noise, (cfg.taesd_batch, 1, 1, 1))).float()
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean * scale
+            z_in = z + level * noise
+            teacher = vae.decode(z_in / scale).sample.clamp(-1, 1)
+        rec = tiny.decode(z_in).sample
+        enc = tiny.encode(x).latents
+        dec_loss = (rec - teacher).abs().mean() + (rec - teacher).pow(2).mean()
+        enc_loss = (enc - z).abs().mean()
+        psnr = 10 * math.log10(4 / max((rec - teacher).pow(2).mean().item(), 1e-10))
+        return dec_loss + 0.1 * enc_loss, {"psnr_vs_vae": round(psnr, 2), "enc_l1": round(enc_loss.item(), 4)}
+
+    (Path(cfg.out) / "taesd").mkdir(parents=True, exist_ok=True)
+    if not _loop(cfg, "taesd", cfg.taesd_steps, {"taesd": tiny}, opt, 1e-3, step_fn, budget):
+        return False
+    save_tiny_vae(tiny, final)
+    return True
+
+
+def save_tiny_vae(tiny, folder: Path) -> None:
+    """save_pretrained, without the `block_out_channels` AutoencoderTiny registers but warns about when loading."""
+    tiny.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("block_out_channels", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _encode_pool(vae, images: np.ndarray, size: int | None = None, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,8 +397,9 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
         return True
     out = Path(cfg.out) / "unet"
     out.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(cfg)
-    vae = AutoencoderKL.from_pretrained(Path(cfg.out) / "vae" / "final")
+    init = Path(cfg.unet_init) if cfg.unet_init else None
+    tok = _tokenizer(cfg) if init is None else _tokenizer(cfg, init / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(Path(cfg.out) / "vae" / "final" if init is None else init / "vae")
     cache = out / "latents.pt"
     scenes, crops = _pools(cfg)
     if not cache.exists():
@@ -340,7 +410,11 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
     scale = vae.config.scaling_factor
     torch.manual_seed(cfg.seed)
     unet = make_unet()
-    text = CLIPTextModel.from_pretrained(Path(cfg.out) / "clip" / "final")
+    text = CLIPTextModel.from_pretrained(Path(cfg.out) / "clip" / "final" if init is None else init / "text_encoder").float()
+    if init is not None and not (out / "state.pt").exists():
+        from diffusers import UNet2DConditionModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init / "unet").float().state_dict())
     ema = copy.deepcopy(unet).requires_grad_(False)
     maps = grounding.install(unet)
     noise_sched = make_noise_scheduler()
@@ -349,6 +423,13 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
         {"params": list(unet.parameters()), "lr_scale": 1.0},
         {"params": list(text.parameters()), "lr_scale": 0.3},
     ], lr=5e-4, weight_decay=0.01)
+    if init is not None and not (out / "state.pt").exists():  # the stage as if finished at unet_init_step
+        Checkpoint(out / "state.pt").save(
+            models={"unet": unet.state_dict(), "text": text.state_dict()}, optimizer=opt.state_dict(),
+            ema=ema.state_dict(), step=cfg.unet_init_step, torch_rng=torch.get_rng_state(),
+            rng=np.random.default_rng([cfg.seed, zlib.crc32(b"unet"), cfg.unet_init_step]),
+            segments=[(0, cfg.unet_init_step)])
+        _log(cfg, "unet", event="init", source=str(init), step=cfg.unet_init_step)
 
     def step_fn(rng, step):
         late = step >= cfg.unet_keywords_from
@@ -360,6 +441,8 @@ def stage_unet(cfg: TrainConfig, budget: Budget) -> bool:
             key = "scenes"
             idx = rng.integers(0, len(scenes.images), cfg.unet_batch)
             texts = [scenes.caption(i, rng, cfg.unet_layout_captions if late else 0.0) for i in idx]
+        if cfg.unet_random_fillers and step >= cfg.unet_fillers_from:
+            texts = [pad_with_random(t, rng, tok, cfg.unet_random_fillers) for t in texts]
         texts = ["" if rng.random() < cfg.cfg_dropout else t for t in texts]
         mean, std = lat[key][0][idx].float(), lat[key][1][idx].float()
         x0 = (mean + std * torch.randn_like(std)) * scale
@@ -505,12 +588,14 @@ def image_processor(size: int):
 
 
 def stage_assemble(cfg: TrainConfig, budget: Budget) -> bool:
-    """A StableDiffusionPipeline folder plus clip/ and clipseg/, all safetensors."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """A StableDiffusionPipeline folder plus clip/, clipseg/ and vae_tiny/, all safetensors."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPSegForImageSegmentation, CLIPTextModel
 
     root = Path(cfg.out)
     model_dir = root / "model"
+    if cfg.unet_init:
+        return _assemble_over(cfg, Path(cfg.unet_init), model_dir)
     tok = _tokenizer(cfg)
     processor = image_processor(CLIP_SIZE)
     scheduler = DDIMScheduler.from_config(make_noise_scheduler().config, set_alpha_to_one=False)
@@ -529,6 +614,7 @@ def stage_assemble(cfg: TrainConfig, budget: Budget) -> bool:
     clip.half().save_pretrained(model_dir / "clip")
     tok.save_pretrained(model_dir / "clip")
     processor.save_pretrained(model_dir / "clip")
+    save_tiny_vae(AutoencoderTiny.from_pretrained(root / "taesd" / "final"), model_dir / "vae_tiny")
     clipseg = CLIPSegForImageSegmentation.from_pretrained(root / "clipseg" / "final")
     clipseg.half().save_pretrained(model_dir / "clipseg")
     tok.save_pretrained(model_dir / "clipseg")
@@ -540,8 +626,29 @@ def stage_assemble(cfg: TrainConfig, budget: Budget) -> bool:
     return True
 
 
+def _assemble_over(cfg: TrainConfig, base: Path, model_dir: Path) -> bool:
+    """A run that started its UNet stage from an assembled folder (unet_init): that folder, every part kept, with
+    this run's UNet and text tower in it (fp16, as assembled)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = Path(cfg.out)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(base, model_dir)
+    for name in ("unet", "text_encoder"):
+        shutil.rmtree(model_dir / name)
+    UNet2DConditionModel.from_pretrained(root / "unet" / "final").half().save_pretrained(model_dir / "unet")
+    CLIPTextModel.from_pretrained(root / "unet" / "text_final").half().save_pretrained(model_dir / "text_encoder")
+    info = json.loads((base / "shapes_world.json").read_text())
+    history = info.get("history", []) + [{"base_train_config": info.get("train_config")}]
+    (model_dir / "shapes_world.json").write_text(json.dumps(
+        {**info, "train_config": asdict(cfg), "history": history}, indent=2))
+    return True
+
+
 STAGES = {
-    "data": stage_data, "tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae,
+    "data": stage_data, "tokenizer": stage_tokenizer, "clip": stage_clip, "vae": stage_vae, "taesd": stage_taesd,
     "unet": stage_unet, "clipseg": stage_clipseg, "assemble": stage_assemble,
 }
 
@@ -568,4 +675,8 @@ if __name__ == "__main__":
         cfg.stages = sys.argv[2].split(",")
     if len(sys.argv) > 3:
         cfg.threads = int(sys.argv[3])
+    for item in sys.argv[4:]:  # FIELD=VALUE overrides, e.g. unet_init=src/mrgd/assets/shapes-v3 unet_steps=17100
+        name, _, value = item.partition("=")
+        kind = type(getattr(cfg, name)) if getattr(cfg, name) is not None else str
+        setattr(cfg, name, value if kind is str else kind(value))
     train(cfg)
