@@ -3,6 +3,7 @@ to try a λ or a switch before changing a default.
 
     python benchmarks/compare_settings.py --set lambda_is=0 --set lambda_is=2 [--limit 12] [--model DIR]
                                           [--work runs/compare] [--out benchmarks/results/compare]
+    accelerate launch --num_processes 2 benchmarks/compare_settings.py ...   # the jobs split over two processes
 
 Each --set is one variant (several settings: --set "lambda_is=2,lambda_ip=150"); values are read as JSON
 (numbers, true/false) and validated by the edit's settings. Uses the bench harness (resumable). Writes
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
-from mrgd.bench import Variant, run_bench
+from mrgd.bench import Variant, process_state, run_bench
 from mrgd.layout import Settings
 from mrgd.models import DEFAULT_MODEL, load_pipeline
 
@@ -23,7 +25,7 @@ from mrgd.models import DEFAULT_MODEL, load_pipeline
 def parse_set(text: str) -> dict:
     """'lambda_is=2,guidance=false' -> {"lambda_is": 2, "guidance": False}, checked against Settings."""
     overrides = {}
-    for item in text.split(","):
+    for item in re.split(r",(?=\s*\w+=)", text):  # commas inside a JSON value (a list) stay in it
         key, _, value = item.partition("=")
         if key.strip() not in Settings.model_fields or not value:
             raise SystemExit(f"--set: {item!r} is not SETTING=VALUE with SETTING a field of mrgd.layout.Settings")
@@ -46,12 +48,17 @@ def main() -> None:
         label = ", ".join(f"{k} {v}" for k, v in overrides.items())
         variants.append(Variant("mrgd-" + "-".join(f"{k}{v}" for k, v in overrides.items()), label,
                                 {"method": "mrgd", **overrides}))
-    results = run_bench(load_pipeline(args.model), args.suite, Path(args.work), variants, limit=args.limit)
+    results = run_bench(load_pipeline(args.model), args.suite, Path(args.work), variants, limit=args.limit,
+                        state=process_state())
+    if results is None:  # not the main process
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     command = "python benchmarks/compare_settings.py " + " ".join(
         "--set " + ",".join(f"{k}={json.dumps(v)}" for k, v in o.items()) for o in args.sets) + f" --limit {args.limit}"
+    if args.suite != parser.get_default("suite"):
+        command += f" --suite {args.suite}"
     out.with_suffix(".md").write_text(f"# MRGD settings compared\n\n`{command}`\n\n"
                                       + (Path(args.work) / "results.md").read_text())
 

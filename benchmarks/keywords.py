@@ -25,7 +25,8 @@ from pathlib import Path
 
 from mrgd.layout import Edit
 from mrgd.models import DEFAULT_MODEL, load_pipeline
-from mrgd.toyworld.world import BACKGROUNDS, COLORS, HELD_OUT_FILLERS, QUALITY_WORDS, SHAPES, word_roles
+from mrgd.layout import Settings
+from mrgd.toyworld.world import BACKGROUNDS, COLORS, HELD_OUT_FILLERS, QUALITY_WORDS, SHAPES, TEST_FILLERS, word_roles
 
 RIGHT = ("object", "color", "background")
 # --filler held-out pads with HELD_OUT_FILLERS, words no training caption holds (its captions use QUALITY_WORDS):
@@ -103,22 +104,26 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/keywords")
     parser.add_argument("--entropy", default="histogram", choices=["histogram", "spatial"],
                         help="method.md §4's histogram entropy, or entropy over pixels")
-    parser.add_argument("--filler", default="quality", choices=["quality", "held-out"],
-                        help="pad with the training captions' quality words or with words the model never saw")
+    parser.add_argument("--filler", default="quality", choices=["quality", "held-out", "test"],
+                        help="pad with the training captions' quality words, with words the model never saw, or with "
+                             "the test suite's unseen fillers (world.TEST_FILLERS; report only, never tune on it)")
+    parser.add_argument("--max-entropy", type=float, default=Settings().keyword_max_entropy,
+                        help="Settings.keyword_max_entropy (a fraction of a uniform map's entropy; spatial rule only)")
     args = parser.parse_args()
-    fillers = QUALITY_WORDS if args.filler == "quality" else HELD_OUT_FILLERS
+    fillers = {"quality": QUALITY_WORDS, "held-out": HELD_OUT_FILLERS, "test": TEST_FILLERS}[args.filler]
     pipe = load_pipeline(args.model)
     roles = Roles(pipe.tokenizer)
     rng = random.Random(args.seed)
     counts = {image: Counter() for image in ("source", "target")}
     by_kind = {kind: Counter() for kind in ("background", "foreground")}
     # expected right picks of the random baseline (without, with commas as candidates), most right picks possible
-    expected = {"random": 0.0, "random_with_commas": 0.0, "best": 0.0}
+    expected = {"random": 0.0, "random_with_commas": 0.0, "best": 0.0, "wanted": 0.0}
     pooled = Counter()  # right and total candidate words (punctuation excluded)
     examples, n_k, missing, t0 = [], [], 0, time.perf_counter()
     for i in range(args.n):
         edit = make_edit(rng, TASKS[i % len(TASKS)], args.steps, fillers)
         edit.mrgd.keyword_entropy = args.entropy
+        edit.mrgd.keyword_max_entropy = args.max_entropy
         n_k.extend(r.keyword_count for r in edit.regions)
         chosen = pipe.edit(edit).info.get("keywords")
         missing += chosen is None
@@ -135,6 +140,7 @@ def main() -> None:
                 expected["random"] += len(picked) * right / len(candidates)
                 expected["random_with_commas"] += len(picked) * right / len(with_commas)
                 expected["best"] += min(len(picked), right)
+                expected["wanted"] += min(regions[rid].keyword_count, right)
                 pooled.update({"right": right, "all": len(candidates)})
                 if len(examples) < 8:
                     examples.append({"edit": i, "image": image, "region": rid, "prompt": regions[rid].prompt,
@@ -149,7 +155,8 @@ def main() -> None:
     picks = sum(total.values())
     report = {
         "model": args.model, "edits": args.n, "steps": args.steps, "seed": args.seed, "size": [128, 128],
-        "settings": {"method": "mrgd", "guidance": False, "kssa": True, "keyword_entropy": args.entropy, "filler": args.filler, "keywords": "per region: its number of right words",
+        "settings": {"method": "mrgd", "guidance": False, "kssa": True, "keyword_entropy": args.entropy,
+                     "keyword_max_entropy": args.max_entropy, "filler": args.filler, "keywords": "per region: its number of right words",
                      "keywords_used": dict(Counter(n_k))},
         "edits_without_keywords": missing, "selected_words": picks, "roles": dict(total),
         "precision": precision(total), "precision_per_image": {k: precision(v) for k, v in counts.items()},
@@ -158,6 +165,9 @@ def main() -> None:
         "random_baseline": expected["random"] / picks if picks else None,
         "random_baseline_with_commas": expected["random_with_commas"] / picks if picks else None,
         "best_possible": expected["best"] / picks if picks else None,
+        # right words selected over the right words the regions asked for (N_k = their number): what a limit such
+        # as --max-entropy can cost
+        "recall": sum(total[r] for r in RIGHT) / expected["wanted"] if expected["wanted"] else None,
         "right_fraction_of_candidate_words": pooled["right"] / pooled["all"] if pooled["all"] else None,
         "seconds": round(time.perf_counter() - t0, 1), "examples": examples,
     }
@@ -166,7 +176,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [f"# Keyword selection precision ({args.n} edits, {args.steps} steps, model `{args.model}`)", "",
-             f"`python benchmarks/keywords.py --entropy {args.entropy} --filler {args.filler}`", "",
+             f"`python benchmarks/keywords.py --entropy {args.entropy} --filler {args.filler} --max-entropy "
+             f"{args.max_entropy}" + (f" --model {args.model}`" if args.model != str(DEFAULT_MODEL) else "`"), "",
              "| | precision | selected words |", "|---|---|---|",
              f"| all | {fmt(report['precision'])} | {picks} |"]
     lines += [f"| {k} | {fmt(precision(v))} | {sum(v.values())} |" for k, v in counts.items()]
@@ -174,7 +185,8 @@ def main() -> None:
               for k, v in report["precision_per_region_kind"].items()]
     lines += [f"| random baseline | {fmt(report['random_baseline'])} | |",
               f"| random baseline, commas as candidates too | {fmt(report['random_baseline_with_commas'])} | |",
-              f"| best possible (N_k vs right words per region) | {fmt(report['best_possible'])} | |", "",
+              f"| best possible (N_k vs right words per region) | {fmt(report['best_possible'])} | |",
+              f"| recall: right words selected / right words asked for | {fmt(report['recall'])} | |", "",
               "Selected words by role: " + ", ".join(f"{r} {c}" for r, c in total.most_common()) + ".",
               f"Edits without a keyword selection: {missing}."]
     if total["punctuation"]:

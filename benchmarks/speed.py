@@ -12,6 +12,10 @@ two: what a user pays for the two pictures without any region control. Each meth
 optional settings, e.g. `p2p;mrgd:guidance_vae=full,guidance_every=2`. Peak memory: the process's resident set, sampled every 5 ms during the
 run, above what it held before (CPU), or the CUDA allocator's peak (GPU). Runs unchanged on CUDA.
 
+Seconds are wall-clock on CUDA; on a CPU they are the process's CPU time (`--clock cpu`, the default there), which
+other jobs on a shared machine do not inflate; run with OMP_NUM_THREADS=1 for ratios that compare compute alone.
+`--clock wall` measures wall-clock time on a CPU too. Both are recorded.
+
 Writes <out>.json and <out>.md (one table per architecture; each run of the script replaces the tables of the
 architectures it ran and keeps the others).
 """
@@ -72,22 +76,23 @@ class PeakMemory:
             self.peak = max(self.top, self._rss()) - self.base
 
 
-def timed(fn, device: torch.device, repeats: int, warmup: bool):
-    """(median seconds, peak bytes of the first timed run, last result)."""
+def timed(fn, device: torch.device, repeats: int, warmup: bool, clock: str = "wall"):
+    """(median seconds on `clock`, median wall seconds, peak bytes of the first timed run, last result)."""
     if warmup:
         fn()
-    times, peak, out = [], None, None
+    times, walls, peak, out = [], [], None, None
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         with PeakMemory(device) as memory:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+            walls.append(time.perf_counter() - t0)
+            times.append(time.process_time() - c0 if clock == "cpu" else walls[-1])
         peak = memory.peak if peak is None else peak
-    return statistics.median(times), peak, out
+    return statistics.median(times), statistics.median(walls), peak, out
 
 
 def parse_method(text: str) -> tuple[str, str, dict]:
@@ -124,21 +129,21 @@ def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     plain = diffusers_pipeline(pipe)
     prompts = [edit.source().total_prompt(), edit.target().total_prompt()]
     negative = [edit.negative_prompt] * 2 if edit.negative_prompt or pipe.family.name != "sdxl" else None
-    seconds, peak, _ = timed(lambda: plain(prompts, negative_prompt=negative, height=size, width=size,
+    seconds, wall, peak, _ = timed(lambda: plain(prompts, negative_prompt=negative, height=size, width=size,
                                            num_inference_steps=steps, guidance_scale=edit.guidance_scale,
                                            generator=torch.Generator("cpu").manual_seed(edit.seed)),
-                             device, args.repeats, warm)
+                             device, args.repeats, warm, args.clock)
     latent = size // pipe.latent_factor
     plain_rows = steps * 4 * latent * latent  # (uncond, cond) x (source, target) per step, full canvas
-    rows["plain pair (diffusers)"] = {"seconds": round(seconds, 3), "peak_mb": round(peak / 2**20), "unet_calls": steps,
+    rows["plain pair (diffusers)"] = {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "peak_mb": round(peak / 2**20), "unet_calls": steps,
                                       "unet_pixel_rows": plain_rows}
     del plain
     for text in args.methods.split(";"):
         label, method, settings = parse_method(text)
         variant = Edit.from_dict({**edit.to_dict(), "mrgd": {**edit.mrgd.model_dump(), "method": method, **settings}})
-        seconds, peak, result = timed(lambda: pipe.edit(variant), device, args.repeats, warm)
+        seconds, wall, peak, result = timed(lambda: pipe.edit(variant), device, args.repeats, warm, args.clock)
         info = result.info
-        rows[label] = {"seconds": round(seconds, 3), "peak_mb": round(peak / 2**20), "unet_calls": info["unet_calls"],
+        rows[label] = {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "peak_mb": round(peak / 2**20), "unet_calls": info["unet_calls"],
                        "unet_pixel_rows": info["unet_pixel_rows"], "guidance_decoder": info.get("guidance_decoder"),
                        "phases": {k: round(v, 3) for k, v in info["seconds"].items()}}
         print(f"{arch} {label}: {seconds:.2f} s", flush=True)
@@ -148,13 +153,14 @@ def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> dict:
         row["pixel_rows_vs_plain"] = round(row["unet_pixel_rows"] / reference["unet_pixel_rows"], 3)
         row["peak_vs_plain"] = round(row["peak_mb"] / max(reference["peak_mb"], 1), 3)
     return {"arch": arch, "model": pipe.name, "size": [size, size], "steps": steps, "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "dtype": str(dtype).replace("torch.", ""), "clock": args.clock, "threads": torch.get_num_threads(),
             "load_seconds": round(load_seconds, 1), "rows": rows}
 
 
 def markdown(report: dict) -> list[str]:
     lines = [f"## {report['arch']}: {report['model']}, {report['size'][0]}², {report['steps']} steps, "
-             f"{report['device']} {report['dtype']}, {report['threads']} threads", "",
+             f"{report['device']} {report['dtype']}, {report['threads']} threads, "
+             f"{report.get('clock', 'wall')} seconds", "",
              "| method | seconds | vs plain pair | UNet pixel-rows vs plain | guidance s | guidance vs p2p time | "
              "peak MB | peak vs plain |", "|---|---|---|---|---|---|---|---|"]
     p2p = report["rows"].get("p2p", {}).get("seconds")
@@ -177,10 +183,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                        help="process CPU time or wall-clock time; default: cpu on a CPU, wall on CUDA")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = parser.parse_args()
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
+    args.clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
     out = Path(args.out)
     previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     reports = {r["arch"] + f"@{r['size'][0]}": r for r in previous.get("reports", [])}
