@@ -36,19 +36,22 @@ def parse_set(text: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", dest="sets", action="append", required=True, type=parse_set)
+    parser.add_argument("--set", dest="sets", action="append", default=[], type=parse_set)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--suite", default="benchmarks/suites/shapes-61")
-    parser.add_argument("--limit", type=int, default=12)
+    parser.add_argument("--limit", type=int, default=12, help="pairs, taken in turn from each task; 0: all")
+    parser.add_argument("--baselines", action="store_true", help="also MultiDiffusion and P2P* on the same pairs")
     parser.add_argument("--work", default="runs/compare")
     parser.add_argument("--out", default="benchmarks/results/compare")
     args = parser.parse_args()
-    variants = [Variant("mrgd", "MRGD (defaults)", {"method": "mrgd"})]
+    variants = [Variant("multidiffusion", "MultiDiffusion", {"method": "multidiffusion"}),
+                Variant("p2p", "P2P*", {"method": "p2p"})] if args.baselines else []
+    variants.append(Variant("mrgd", "MRGD (defaults)", {"method": "mrgd"}))
     for overrides in args.sets:
         label = ", ".join(f"{k} {v}" for k, v in overrides.items())
         variants.append(Variant("mrgd-" + "-".join(f"{k}{v}" for k, v in overrides.items()), label,
                                 {"method": "mrgd", **overrides}))
-    results = run_bench(load_pipeline(args.model), args.suite, Path(args.work), variants, limit=args.limit,
+    results = run_bench(load_pipeline(args.model), args.suite, Path(args.work), variants, limit=args.limit or None,
                         state=process_state())
     if results is None:  # not the main process
         return
@@ -56,7 +59,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     command = "python benchmarks/compare_settings.py " + " ".join(
-        "--set " + ",".join(f"{k}={json.dumps(v)}" for k, v in o.items()) for o in args.sets) + f" --limit {args.limit}"
+        "--set " + ",".join(f"{k}={json.dumps(v)}" for k, v in o.items()) for o in args.sets) + f" --limit {args.limit}" + " --baselines" * args.baselines
     if args.suite != parser.get_default("suite"):
         command += f" --suite {args.suite}"
     out.with_suffix(".md").write_text(f"# MRGD settings compared\n\n`{command}`\n\n"

@@ -107,8 +107,8 @@ def main() -> None:
     parser.add_argument("--filler", default="quality", choices=["quality", "held-out", "test"],
                         help="pad with the training captions' quality words, with words the model never saw, or with "
                              "the test suite's unseen fillers (world.TEST_FILLERS; report only, never tune on it)")
-    parser.add_argument("--max-entropy", type=float, default=Settings().keyword_max_entropy,
-                        help="Settings.keyword_max_entropy (a fraction of a uniform map's entropy; spatial rule only)")
+    parser.add_argument("--unit", default=Settings().keyword_unit, choices=["word", "token"],
+                        help="Settings.keyword_unit: select whole words (ours) or single tokens (§4)")
     args = parser.parse_args()
     fillers = {"quality": QUALITY_WORDS, "held-out": HELD_OUT_FILLERS, "test": TEST_FILLERS}[args.filler]
     pipe = load_pipeline(args.model)
@@ -123,7 +123,7 @@ def main() -> None:
     for i in range(args.n):
         edit = make_edit(rng, TASKS[i % len(TASKS)], args.steps, fillers)
         edit.mrgd.keyword_entropy = args.entropy
-        edit.mrgd.keyword_max_entropy = args.max_entropy
+        edit.mrgd.keyword_unit = args.unit
         n_k.extend(r.keyword_count for r in edit.regions)
         chosen = pipe.edit(edit).info.get("keywords")
         missing += chosen is None
@@ -156,7 +156,7 @@ def main() -> None:
     report = {
         "model": args.model, "edits": args.n, "steps": args.steps, "seed": args.seed, "size": [128, 128],
         "settings": {"method": "mrgd", "guidance": False, "kssa": True, "keyword_entropy": args.entropy,
-                     "keyword_max_entropy": args.max_entropy, "filler": args.filler, "keywords": "per region: its number of right words",
+                     "keyword_unit": args.unit, "filler": args.filler, "keywords": "per region: its number of right words",
                      "keywords_used": dict(Counter(n_k))},
         "edits_without_keywords": missing, "selected_words": picks, "roles": dict(total),
         "precision": precision(total), "precision_per_image": {k: precision(v) for k, v in counts.items()},
@@ -165,8 +165,7 @@ def main() -> None:
         "random_baseline": expected["random"] / picks if picks else None,
         "random_baseline_with_commas": expected["random_with_commas"] / picks if picks else None,
         "best_possible": expected["best"] / picks if picks else None,
-        # right words selected over the right words the regions asked for (N_k = their number): what a limit such
-        # as --max-entropy can cost
+        # right words selected over the right words the regions asked for (N_k = their number)
         "recall": sum(total[r] for r in RIGHT) / expected["wanted"] if expected["wanted"] else None,
         "right_fraction_of_candidate_words": pooled["right"] / pooled["all"] if pooled["all"] else None,
         "seconds": round(time.perf_counter() - t0, 1), "examples": examples,
@@ -176,8 +175,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [f"# Keyword selection precision ({args.n} edits, {args.steps} steps, model `{args.model}`)", "",
-             f"`python benchmarks/keywords.py --entropy {args.entropy} --filler {args.filler} --max-entropy "
-             f"{args.max_entropy}" + (f" --model {args.model}`" if args.model != str(DEFAULT_MODEL) else "`"), "",
+             f"`python benchmarks/keywords.py --entropy {args.entropy} --filler {args.filler} --unit "
+             f"{args.unit}" + (f" --model {args.model}`" if args.model != str(DEFAULT_MODEL) else "`"), "",
              "| | precision | selected words |", "|---|---|---|",
              f"| all | {fmt(report['precision'])} | {picks} |"]
     lines += [f"| {k} | {fmt(precision(v))} | {sum(v.values())} |" for k, v in counts.items()]

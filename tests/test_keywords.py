@@ -67,6 +67,28 @@ def test_select_keywords_restricts_orders_and_counts():
         select_keywords(maps, {"ball": [10]}, k=1)
 
 
+def test_select_keywords_by_words_scores_a_word_by_its_least_focused_piece():
+    maps = _maps()
+    spatial = "spatial"
+    # word A = pieces 3 (a blob) + 4 (noise): per token, 3 alone is the best pick; per word, A is as diffuse as 4
+    # and loses to word B = piece 7, a sharper blob; the noise word C = 5 comes last
+    words = [[3, 4], [7], [5]]
+    by_token = select_keywords(maps, {"r": [3, 4, 5, 7]}, k=1, entropy=spatial)
+    assert [p for p, _ in by_token["r"]] == [7]
+    by_word = select_keywords(maps, {"r": [3, 4, 5, 7]}, k=2, entropy=spatial, words=words)
+    from mrgd.keywords import spatial_entropy
+
+    h = spatial_entropy(maps)
+    order = sorted([([3, 4], max(h[3], h[4]).item()), ([7], h[7].item()), ([5], h[5].item())], key=lambda x: x[1])
+    expected = [(p, score) for ps, score in order[:2] for p in ps]
+    assert [p for p, _ in by_word["r"]] == [p for p, _ in expected]  # k counts words; all pieces of a chosen one
+    assert [s for _, s in by_word["r"]] == pytest.approx([s for _, s in expected])
+    assert 3 not in [p for p, _ in select_keywords(maps, {"r": [3, 4, 7]}, k=1, entropy=spatial, words=words)["r"]]
+    # a candidate in no word is its own word; positions outside the region's candidates are never returned
+    alone = select_keywords(maps, {"r": [3, 9]}, k=5, entropy=spatial, words=[[3, 4]])
+    assert sorted(p for p, _ in alone["r"]) == [3, 9]
+
+
 def test_map_accumulator_averages_heads_and_calls():
     acc = MapAccumulator()
     first = torch.rand(1, 2, 16, 5)

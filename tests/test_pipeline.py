@@ -210,3 +210,23 @@ def test_total_clears_removed_leaves_the_source_and_changes_the_target(tiny_pipe
     hole = torch.ones(8, 8)
     hole[:3, :3] = 0
     assert torch.equal(total.weight, hole)
+
+
+def test_a_removed_box_on_top_clears_the_inherent_crops_under_it_in_the_target_only(tiny_pipe):
+    data = copy.deepcopy(THREE_REGION_EDIT)
+    data["regions"][4]["box"] = [0.05, 0.3, 0.3, 0.3]  # rock (removed) now reaches into the inherent ball's box
+    data["mrgd"] = {"method": "p2p", "edited_on_top": ["removed"]}
+    edit = Edit.from_dict(data)
+    source = tiny_pipe._plan_regions(edit, edit.source(), 0, 5)
+    target = {p.key: p for p in tiny_pipe._plan_regions(edit, edit.target(), 1, 5)}
+    assert all(p.weight is None and p.layer_rank == 0 for p in source)  # the source is what generate draws
+    ball = target["ball"]  # latent rows 4-7, columns 0-3; rock covers rows 2-4, columns 0-2 (too small to feather)
+    expected = torch.ones(ball.box.size)
+    expected[:1, :3] = 0
+    assert torch.equal(ball.weight, expected)
+    assert target["kite"].weight is None or torch.equal(target["kite"].weight, torch.ones(target["kite"].box.size))
+    plain = copy.deepcopy(data)
+    plain["mrgd"] = {"method": "p2p"}
+    before, after = tiny_pipe.edit(Edit.from_dict(plain)), tiny_pipe.edit(edit)
+    assert torch.equal(before.latents["source"], after.latents["source"])
+    assert not torch.equal(before.latents["target"], after.latents["target"])

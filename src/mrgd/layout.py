@@ -138,6 +138,9 @@ class Settings(_Model):
     # which scores a uniform map ~0 bits, as if it marked one object: on shapes-v3, whose filler words attend
     # uniformly as SD's do, histogram precision is 0.77 and spatial 1.00 (benchmarks/results/keywords*.md).
     keyword_entropy: Literal["histogram", "spatial"] = "spatial"
+    # What is selected (ours: "word"): whole words, each scored by its least focused piece, or §4's single tokens, by
+    # which a word split into untrained byte pieces got picked through one piece's chance focus (keywords.py).
+    keyword_unit: Literal["word", "token"] = "word"
     guidance: bool = True  # multi-region guidance (§6)
     # Re-tuned for our gradient (w.r.t. x̂0, Φ differentiable): the research code's 1000 / 2000 for L_RS / L_IS
     # wrecked pictures on shapes-v1; see benchmarks/results/guidance_tuning_rs_is.md.
@@ -165,9 +168,10 @@ class Settings(_Model):
     # 0.865 / 0.942), and a removal's source is what the user asked to keep. benchmarks/results/removal-guidance.md
     guide_source_on_removal: bool = False
     add_in_source: bool = False  # also write added boxes into the source, global prompt only (§2)
-    # Composite order (ours; §2 averages every foreground crop covering a pixel): regions of these roles are
-    # composited over the inherent foreground boxes they overlap (their crops weigh 1 − its feather mask there;
-    # fusion.under_weights) in the image they are in, instead of averaged with them.
+    # Composite order in the target (ours; §2 averages every foreground crop covering a pixel): regions of these roles
+    # are composited over the inherent foreground boxes they overlap (those crops weigh 1 − the edited box's feather
+    # mask there; fusion.under_weights) instead of averaged with them; a removed box, which has no crop in the
+    # target, clears the inherent crops under it, so the background shows there. The source is never changed.
     edited_on_top: tuple[Literal["added", "removed", "modified"], ...] = ()
     # r_total in the target over a removed box (ours; §2 lets it cover the whole canvas): it weighs 1 − the box's
     # feather mask there (fusion.clear_mask), so what the removed object leaves is the background's.

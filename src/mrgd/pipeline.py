@@ -278,10 +278,18 @@ class MRGDPipeline:
                                          settings.removal_margin, full.size) for r in removed]
                 total.weight = fusion.clear_mask(full.size, boxes, removed[0].feather)
             plans.append(total)
-        if settings.edited_on_top:
+        if settings.edited_on_top and image == TARGET:  # the source stays what `generate` draws of its layout
             for plan in plans:
                 if plan.layer == "foreground" and plan.key != TOTAL:
                     plan.layer_rank = 2 if plan.control in settings.edited_on_top else 1
+            removed = [r for r in edit.regions if r.role == "removed"] if "removed" in settings.edited_on_top else []
+            if removed:  # a removed box has no crop in the target: it clears the inherent crops it lies over
+                boxes = [fusion.grow_box(fusion.latent_box(r.box, edit.size, self.latent_factor),
+                                         settings.removal_margin, full.size) for r in removed]
+                covers = [(box, fusion.feather_mask(box.h, box.w, r.feather)) for box, r in zip(boxes, removed)]
+                below = [p for p in plans if p.layer_rank == 1]
+                for plan, weight in zip(below, fusion.under_weights(full.size, covers, [p.box for p in below])):
+                    plan.weight = weight if plan.weight is None else plan.weight * weight
         backgrounds = [p.box for p in plans if p.layer == "background"]
         if fusion.needs_canvas_fallback(full.size, backgrounds):
             plans.insert(0, RegionPlan(CANVAS, "canvas", full, layout.prompt, layout.negative_prompt, None, "background"))
@@ -454,7 +462,8 @@ class MRGDPipeline:
         total_prompts = {i: encoded[(i, TOTAL)][0] for i in totals}
         candidates = {i: {r.id: word_positions(total_prompts[i], positions_of(total_prompts[i], r.id))
                           for r in layouts[i].regions} for i in totals}
-        return KeywordTracker(level, hw, select_at, counts, total_prompts, candidates, settings.keyword_entropy)
+        return KeywordTracker(level, hw, select_at, counts, total_prompts, candidates, settings.keyword_entropy,
+                              settings.keyword_unit)
 
     def _use_keywords(self, tracker, guide, state: AttentionState, settings: Settings, info) -> None:
         """After a selection: keywords become Φ's queries and, with KSSA on, drive r_total's self-attention."""
