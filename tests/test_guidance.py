@@ -98,7 +98,9 @@ def _edit(**mrgd):
 
 def test_mrgd_with_zero_lambdas_equals_p2p(tiny_guided_pipe):
     p2p = tiny_guided_pipe.edit(_edit(method="p2p"))
-    mrgd = tiny_guided_pipe.edit(_edit(method="mrgd", lambda_rs=0, lambda_is=0, lambda_ip=0, kssa=False, keywords=0))
+    # with §2's composite: MRGD's own (edited_on_top, total_clears_removed) is checked in test_pipeline
+    mrgd = tiny_guided_pipe.edit(_edit(method="mrgd", lambda_rs=0, lambda_is=0, lambda_ip=0, kssa=False, keywords=0,
+                                       edited_on_top=[], total_clears_removed=False))
     assert np.abs(np.asarray(p2p.target, int) - np.asarray(mrgd.target, int)).max() <= 1
     assert np.abs(np.asarray(p2p.source, int) - np.asarray(mrgd.source, int)).max() <= 1
 

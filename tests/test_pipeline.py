@@ -184,27 +184,39 @@ def test_guidance_input_size_is_read_from_the_saved_image_processor(tmp_path, ki
     assert _processor_size(tmp_path / "missing") is None
 
 
+# MRGD's composite switches, with guidance, keywords and KSSA off so that only the composite differs
+BARE = {"method": "mrgd", "guidance": False, "keywords": 0, "kssa": False, "edited_on_top": [], "total_clears_removed": False}
+
+
 def _overlapping_addition(**mrgd):
     data = copy.deepcopy(THREE_REGION_EDIT)
     data["regions"][3]["box"] = [0.3, 0.55, 0.45, 0.4]  # the added toy now overlaps the inherent ball
-    data["mrgd"] = {"method": "p2p", **mrgd}
+    data["mrgd"] = {**BARE, **mrgd}
     return Edit.from_dict(data)
 
 
 def test_edited_on_top_changes_only_the_image_and_place_where_an_edited_box_overlaps(tiny_pipe):
-    plain = tiny_pipe.edit(_edit())
-    assert torch.equal(plain.latents["target"], tiny_pipe.edit(_edit(edited_on_top=["added"])).latents["target"])
+    plain = tiny_pipe.edit(_edit(**BARE))
+    assert torch.equal(plain.latents["target"], tiny_pipe.edit(_edit(**{**BARE, "edited_on_top": ["added"]})).latents["target"])
     before, after = (tiny_pipe.edit(_overlapping_addition(**m)) for m in ({}, {"edited_on_top": ["added"]}))
     assert torch.equal(before.latents["source"], after.latents["source"])  # the toy is only in the target
     assert not torch.equal(before.latents["target"], after.latents["target"])
 
 
+def test_the_baselines_keep_the_papers_composite(tiny_pipe):
+    """edited_on_top and total_clears_removed are MRGD's: P2P* and MultiDiffusion ignore them."""
+    for method in ("p2p", "multidiffusion"):
+        papers, ours = (tiny_pipe.edit(_overlapping_addition(**{**m, "method": method}))
+                        for m in ({}, {"edited_on_top": ["added", "removed"], "total_clears_removed": True}))
+        assert torch.equal(papers.latents["target"], ours.latents["target"]), method
+
+
 def test_total_clears_removed_leaves_the_source_and_changes_the_target(tiny_pipe):
     # THREE_REGION_EDIT removes "rock"; r_total is active in the last steps of both images
-    before, after = tiny_pipe.edit(_edit()), tiny_pipe.edit(_edit(total_clears_removed=True))
+    before, after = tiny_pipe.edit(_edit(**BARE)), tiny_pipe.edit(_edit(**{**BARE, "total_clears_removed": True}))
     assert torch.equal(before.latents["source"], after.latents["source"])
     assert not torch.equal(before.latents["target"], after.latents["target"])
-    plans = tiny_pipe._plan_regions(_edit(total_clears_removed=True), _edit().target(), 1, 5)
+    plans = tiny_pipe._plan_regions(_edit(**{**BARE, "total_clears_removed": True}), _edit().target(), 1, 5)
     total = next(p for p in plans if p.key == "__total__")
     # rock [0.05, 0.05, 0.3, 0.3] on a 64 px canvas (f = 8): latent rows and columns 0-2, too small to feather
     hole = torch.ones(8, 8)
@@ -215,7 +227,7 @@ def test_total_clears_removed_leaves_the_source_and_changes_the_target(tiny_pipe
 def test_a_removed_box_on_top_clears_the_inherent_crops_under_it_in_the_target_only(tiny_pipe):
     data = copy.deepcopy(THREE_REGION_EDIT)
     data["regions"][4]["box"] = [0.05, 0.3, 0.3, 0.3]  # rock (removed) now reaches into the inherent ball's box
-    data["mrgd"] = {"method": "p2p", "edited_on_top": ["removed"]}
+    data["mrgd"] = {**BARE, "edited_on_top": ["removed"]}
     edit = Edit.from_dict(data)
     source = tiny_pipe._plan_regions(edit, edit.source(), 0, 5)
     target = {p.key: p for p in tiny_pipe._plan_regions(edit, edit.target(), 1, 5)}
@@ -226,7 +238,7 @@ def test_a_removed_box_on_top_clears_the_inherent_crops_under_it_in_the_target_o
     assert torch.equal(ball.weight, expected)
     assert target["kite"].weight is None or torch.equal(target["kite"].weight, torch.ones(target["kite"].box.size))
     plain = copy.deepcopy(data)
-    plain["mrgd"] = {"method": "p2p"}
+    plain["mrgd"] = BARE
     before, after = tiny_pipe.edit(Edit.from_dict(plain)), tiny_pipe.edit(edit)
     assert torch.equal(before.latents["source"], after.latents["source"])
     assert not torch.equal(before.latents["target"], after.latents["target"])

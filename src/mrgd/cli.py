@@ -552,7 +552,7 @@ def bench_cmd(
 def train_toy(
     output: Annotated[Path, typer.Option("-o", "--output", help="training folder (resumable)")],
     minutes: Annotated[Optional[float], typer.Option("--minutes", help="pause (resumably) after this many minutes")] = None,
-    stages: Annotated[str, typer.Option("--stages", help="comma-separated subset of data,tokenizer,clip,vae,unet,clipseg,assemble")] = "data,tokenizer,clip,vae,unet,clipseg,assemble",
+    stages: Annotated[str, typer.Option("--stages", help="comma-separated subset of data,tokenizer,clip,vae,taesd,unet,clipseg,assemble")] = "data,tokenizer,clip,vae,taesd,unet,clipseg,assemble",
     threads: Annotated[int, typer.Option("--threads")] = 2,
     steps: Annotated[Optional[str], typer.Option(
         "--steps", help="step counts, e.g. clip=2000,unet=12000; raising a finished stage's count extends it "

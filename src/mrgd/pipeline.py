@@ -272,13 +272,14 @@ class MRGDPipeline:
             total = RegionPlan(TOTAL, "foreground", full, layout.total_prompt(), layout.negative_prompt,
                                torch.ones(full.size), "total", first, parts)
             removed = [r for r in edit.regions if r.role == "removed"]
-            if image == TARGET and settings.total_clears_removed and removed:
+            if image == TARGET and settings.method == "mrgd" and settings.total_clears_removed and removed:
                 # r_total knows every object of the target but not where: over a removed box it drew one of them
                 boxes = [fusion.grow_box(fusion.latent_box(r.box, edit.size, self.latent_factor),
                                          settings.removal_margin, full.size) for r in removed]
                 total.weight = fusion.clear_mask(full.size, boxes, removed[0].feather)
             plans.append(total)
-        if settings.edited_on_top and image == TARGET:  # the source stays what `generate` draws of its layout
+        # MRGD's composite (the baselines keep §2's); the source stays what `generate` draws of its layout
+        if settings.method == "mrgd" and settings.edited_on_top and image == TARGET:
             for plan in plans:
                 if plan.layer == "foreground" and plan.key != TOTAL:
                     plan.layer_rank = 2 if plan.control in settings.edited_on_top else 1
