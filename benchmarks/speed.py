@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -113,63 +114,103 @@ def build(arch: str, device: torch.device, dtype: torch.dtype):
     return random_pipeline(arch, device, dtype)
 
 
-def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    from random_models import diffusers_pipeline
+PLAIN = "plain pair (diffusers)"
+_PIPES: dict = {}  # one pipeline per (arch, device, dtype) in this process
 
-    t0 = time.perf_counter()
-    pipe = build(arch, device, dtype)
-    load_seconds = time.perf_counter() - t0
+
+def _setup(arch: str, args, device: torch.device, dtype: torch.dtype):
+    key = (arch, str(device), str(dtype))
+    if key not in _PIPES:
+        t0 = time.perf_counter()
+        _PIPES[key] = (build(arch, device, dtype), time.perf_counter() - t0)
+    pipe, load_seconds = _PIPES[key]
     base = Edit.load(args.edit)
     size = args.size or (base.size[0] if arch == "embedded" else 256)
     steps = args.steps or base.steps
-    edit = Edit.from_dict({**base.to_dict(), "size": [size, size], "steps": steps})
-    warm = arch == "embedded"  # small enough to warm up; the full-size ones take minutes per run on a CPU
-    rows = {}
+    return pipe, load_seconds, Edit.from_dict({**base.to_dict(), "size": [size, size], "steps": steps})
 
-    plain = diffusers_pipeline(pipe)
-    prompts = [edit.source().total_prompt(), edit.target().total_prompt()]
-    negative = [edit.negative_prompt] * 2 if edit.negative_prompt or pipe.family.name != "sdxl" else None
-    seconds, wall, peak, _ = timed(lambda: plain(prompts, negative_prompt=negative, height=size, width=size,
-                                           num_inference_steps=steps, guidance_scale=edit.guidance_scale,
-                                           generator=torch.Generator("cpu").manual_seed(edit.seed)),
-                             device, args.repeats, warm, args.clock)
-    latent = size // pipe.latent_factor
-    plain_rows = steps * 4 * latent * latent  # (uncond, cond) x (source, target) per step, full canvas
-    rows["plain pair (diffusers)"] = {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "peak_mb": round(peak / 2**20), "unet_calls": steps,
-                                      "unet_pixel_rows": plain_rows}
-    del plain
-    for text in args.methods.split(";"):
-        label, method, settings = parse_method(text)
+
+def measure_row(arch: str, args, device: torch.device, dtype: torch.dtype, text: str) -> dict:
+    """One row: the plain diffusers pair (``text`` = PLAIN) or one method of `parse_method`, timed."""
+    from random_models import diffusers_pipeline
+
+    pipe, _, edit = _setup(arch, args, device, dtype)
+    size, steps = edit.size[0], edit.steps
+    warm = arch == "embedded"  # small enough to warm up; the full-size ones take minutes per run on a CPU
+    total_before = PeakMemory._rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    if text == PLAIN:
+        plain = diffusers_pipeline(pipe)
+        prompts = [edit.source().total_prompt(), edit.target().total_prompt()]
+        negative = [edit.negative_prompt] * 2 if edit.negative_prompt or pipe.family.name != "sdxl" else None
+        seconds, wall, peak, _ = timed(lambda: plain(prompts, negative_prompt=negative, height=size, width=size,
+                                                     num_inference_steps=steps, guidance_scale=edit.guidance_scale,
+                                                     generator=torch.Generator("cpu").manual_seed(edit.seed)),
+                                       device, args.repeats, warm, args.clock)
+        latent = size // pipe.latent_factor
+        row = {"unet_calls": steps, "unet_pixel_rows": steps * 4 * latent * latent}  # (uncond, cond) x (S, T)
+    else:
+        _, method, settings = parse_method(text)
         variant = Edit.from_dict({**edit.to_dict(), "mrgd": {**edit.mrgd.model_dump(), "method": method, **settings}})
         seconds, wall, peak, result = timed(lambda: pipe.edit(variant), device, args.repeats, warm, args.clock)
         info = result.info
-        rows[label] = {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "peak_mb": round(peak / 2**20), "unet_calls": info["unet_calls"],
-                       "unet_pixel_rows": info["unet_pixel_rows"], "guidance_decoder": info.get("guidance_decoder"),
-                       "phases": {k: round(v, 3) for k, v in info["seconds"].items()}}
-        print(f"{arch} {label}: {seconds:.2f} s", flush=True)
-    reference = rows["plain pair (diffusers)"]
+        row = {"unet_calls": info["unet_calls"], "unet_pixel_rows": info["unet_pixel_rows"],
+               "guidance_decoder": info.get("guidance_decoder"),
+               "phases": {k: round(v, 3) for k, v in info["seconds"].items()}}
+    print(f"{arch} {text}: {seconds:.2f} s", flush=True)
+    return {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "peak_mb": round(peak / 2**20),
+            "peak_total_mb": round((total_before + peak) / 2**20), **row}
+
+
+def _row_in_child(arch, args, device, dtype, text) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(args.threads)
+    return measure_row(arch, args, device, dtype, text)
+
+
+def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    texts = [PLAIN, *args.methods.split(";")]
+    if args.fresh:  # each row in a new process: no row inherits another's cached allocations (peak memory)
+        import multiprocessing
+
+        rows = {}
+        for text in texts:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                rows[text] = pool.apply(_row_in_child, (arch, args, device, dtype, text))
+        load_seconds, base = None, Edit.load(args.edit)
+        size, steps = args.size or (base.size[0] if arch == "embedded" else 256), args.steps or base.steps
+        name = str(DEFAULT_MODEL) if arch == "embedded" else f"random {arch}"
+    else:
+        rows = {text: measure_row(arch, args, device, dtype, text) for text in texts}
+        pipe, load_seconds, edit = _setup(arch, args, device, dtype)
+        size, steps, name = edit.size[0], edit.steps, pipe.name
+    reference = rows[PLAIN]
     for row in rows.values():
         row["vs_plain"] = round(row["seconds"] / reference["seconds"], 3)
         row["pixel_rows_vs_plain"] = round(row["unet_pixel_rows"] / reference["unet_pixel_rows"], 3)
         row["peak_vs_plain"] = round(row["peak_mb"] / max(reference["peak_mb"], 1), 3)
-    return {"arch": arch, "model": pipe.name, "size": [size, size], "steps": steps, "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""), "clock": args.clock, "threads": torch.get_num_threads(),
-            "load_seconds": round(load_seconds, 1), "rows": rows}
+        row["peak_total_vs_plain"] = round(row["peak_total_mb"] / max(reference["peak_total_mb"], 1), 3)
+    return {"arch": arch, "model": name, "size": [size, size], "steps": steps, "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "clock": args.clock, "threads": args.threads,
+            "fresh_processes": bool(args.fresh),
+            "load_seconds": None if load_seconds is None else round(load_seconds, 1), "rows": rows}
 
 
 def markdown(report: dict) -> list[str]:
     lines = [f"## {report['arch']}: {report['model']}, {report['size'][0]}², {report['steps']} steps, "
              f"{report['device']} {report['dtype']}, {report['threads']} threads, "
-             f"{report.get('clock', 'wall')} seconds", "",
+             f"{report.get('clock', 'wall')} seconds"
+             + (", each row in a fresh process" if report.get("fresh_processes") else ""), "",
              "| method | seconds | vs plain pair | UNet pixel-rows vs plain | guidance s | guidance vs p2p time | "
-             "peak MB | peak vs plain |", "|---|---|---|---|---|---|---|---|"]
+             "peak MB (run) | peak vs plain | peak MB (process) | process peak vs plain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     p2p = report["rows"].get("p2p", {}).get("seconds")
     for name, r in report["rows"].items():
         guidance = r.get("phases", {}).get("guidance")
         extra = f"{r['seconds'] / p2p:.2f}x" if p2p and name.startswith("mrgd") else ""
         decoder = f" ({r['guidance_decoder']} decoder)" if r.get("guidance_decoder") else ""
         lines.append(f"| {name}{decoder} | {r['seconds']:.2f} | {r['vs_plain']:.2f} | {r['pixel_rows_vs_plain']:.2f} | "
-                     f"{'' if guidance is None else f'{guidance:.2f}'} | {extra} | {r['peak_mb']} | {r['peak_vs_plain']:.2f} |")
+                     f"{'' if guidance is None else f'{guidance:.2f}'} | {extra} | {r['peak_mb']} | {r['peak_vs_plain']:.2f} | "
+                     f"{r.get('peak_total_mb', '')} | {r.get('peak_total_vs_plain', '')} |")
     return lines + [""]
 
 
@@ -183,6 +224,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--fresh", action="store_true",
+                        help="run each row in a new process, so its peak memory is its own (loads the model per row)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                         help="process CPU time or wall-clock time; default: cpu on a CPU, wall on CUDA")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
@@ -190,6 +233,7 @@ def main() -> None:
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     args.clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
+    args.threads = torch.get_num_threads()
     out = Path(args.out)
     previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     reports = {r["arch"] + f"@{r['size'][0]}": r for r in previous.get("reports", [])}
