@@ -124,10 +124,14 @@ def _setup(arch: str, args, device: torch.device, dtype: torch.dtype):
         t0 = time.perf_counter()
         _PIPES[key] = (build(arch, device, dtype), time.perf_counter() - t0)
     pipe, load_seconds = _PIPES[key]
+    return pipe, load_seconds, _sized_edit(arch, args)
+
+
+def _sized_edit(arch: str, args) -> Edit:
+    """The benchmark edit at --size (default: the edit's own on the embedded model, 256 on the others) and --steps."""
     base = Edit.load(args.edit)
     size = args.size or (base.size[0] if arch == "embedded" else 256)
-    steps = args.steps or base.steps
-    return pipe, load_seconds, Edit.from_dict({**base.to_dict(), "size": [size, size], "steps": steps})
+    return Edit.from_dict({**base.to_dict(), "size": [size, size], "steps": args.steps or base.steps})
 
 
 def measure_row(arch: str, args, device: torch.device, dtype: torch.dtype, text: str) -> dict:
@@ -176,13 +180,13 @@ def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> dict:
         for text in texts:
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 rows[text] = pool.apply(_row_in_child, (arch, args, device, dtype, text))
-        load_seconds, base = None, Edit.load(args.edit)
-        size, steps = args.size or (base.size[0] if arch == "embedded" else 256), args.steps or base.steps
+        load_seconds, edit = None, _sized_edit(arch, args)
         name = str(DEFAULT_MODEL) if arch == "embedded" else f"random {arch}"
     else:
         rows = {text: measure_row(arch, args, device, dtype, text) for text in texts}
         pipe, load_seconds, edit = _setup(arch, args, device, dtype)
-        size, steps, name = edit.size[0], edit.steps, pipe.name
+        name = pipe.name
+    size, steps = edit.size[0], edit.steps
     reference = rows[PLAIN]
     for row in rows.values():
         row["vs_plain"] = round(row["seconds"] / reference["seconds"], 3)

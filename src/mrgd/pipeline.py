@@ -46,7 +46,6 @@ class Job:
     uncond: EncodedPrompt
     mask: torch.Tensor | None = None  # feather mask (foreground layer)
     tight: bool = False  # an added region: its crop gets no context window (see _predict)
-    layer_rank: int = 0  # composite: 2 edited (over 1), 1 inherent foreground, 0 r_total (see _fuse)
     weight: torch.Tensor | None = None  # composite weight of the crop (fusion.composite), None: 1
 
 
@@ -283,14 +282,17 @@ class MRGDPipeline:
             for plan in plans:
                 if plan.layer == "foreground" and plan.key != TOTAL:
                     plan.layer_rank = 2 if plan.control in settings.edited_on_top else 1
+            below = [p for p in plans if p.layer_rank == 1]
             removed = [r for r in edit.regions if r.role == "removed"] if "removed" in settings.edited_on_top else []
-            if removed:  # a removed box has no crop in the target: it clears the inherent crops it lies over
-                boxes = [fusion.grow_box(fusion.latent_box(r.box, edit.size, self.latent_factor),
-                                         settings.removal_margin, full.size) for r in removed]
-                covers = [(box, fusion.feather_mask(box.h, box.w, r.feather)) for box, r in zip(boxes, removed)]
-                below = [p for p in plans if p.layer_rank == 1]
-                for plan, weight in zip(below, fusion.under_weights(full.size, covers, [p.box for p in below])):
-                    plan.weight = weight if plan.weight is None else plan.weight * weight
+            boxes = [fusion.grow_box(fusion.latent_box(r.box, edit.size, self.latent_factor),
+                                     settings.removal_margin, full.size) for r in removed]
+            # a removed box has no crop in the target: it clears the inherent crops it lies over; an edited crop
+            # covers them with its feather mask. Boxes and masks are fixed for the run: weigh once, here.
+            for covers in ([(box, fusion.feather_mask(box.h, box.w, r.feather)) for box, r in zip(boxes, removed)],
+                           [(p.box, p.mask) for p in plans if p.layer_rank == 2]):
+                if covers and below:
+                    for plan, weight in zip(below, fusion.under_weights(full.size, covers, [p.box for p in below])):
+                        plan.weight = weight if plan.weight is None else plan.weight * weight
         backgrounds = [p.box for p in plans if p.layer == "background"]
         if fusion.needs_canvas_fallback(full.size, backgrounds):
             plans.insert(0, RegionPlan(CANVAS, "canvas", full, layout.prompt, layout.negative_prompt, None, "background"))
@@ -381,7 +383,7 @@ class MRGDPipeline:
                                  "chunk count; invert again with this edit's source prompts")
             uncond = dataclasses.replace(uncond, embeds=null)
         return Job(plan.key, image, plan.box, plan.layer, cond, uncond, plan.mask, tight=plan.control == "added",
-                   layer_rank=plan.layer_rank, weight=plan.weight)
+                   weight=plan.weight)
 
     def _predict(self, jobs: list[Job], latents, t, scale: float, state: AttentionState, setup, step: int,
                  steps: int, schedule: str, info, tracker=None, context: float = 0.0) -> list[torch.Tensor]:
@@ -491,13 +493,6 @@ class MRGDPipeline:
     def _fuse(self, jobs: list[Job], outputs, image: int, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layered composite (method.md §2) of x_{t−1} and of x̂0 for one image."""
         fused = []
-        mine = [job for job in jobs if job.image == image and job.layer == "foreground"]
-        weights = {id(job): job.weight for job in mine}
-        above = [(job.box, job.mask) for job in mine if job.layer_rank == 2]
-        below = [job for job in mine if job.layer_rank == 1]
-        if above and below:  # edited objects composite over inherent ones (Settings.edited_on_top)
-            for job, w in zip(below, fusion.under_weights(tuple(current.shape[-2:]), above, [j.box for j in below])):
-                weights[id(job)] = w if job.weight is None else w * job.weight
         for which in (0, 1):
             canvas = torch.zeros_like(current)
             backgrounds, foregrounds = [], []
@@ -509,7 +504,7 @@ class MRGDPipeline:
                 elif job.layer == "background":
                     backgrounds.append((job.box, out[which]))
                 else:
-                    foregrounds.append((job.box, out[which], job.mask.to(current), weights[id(job)]))
+                    foregrounds.append((job.box, out[which], job.mask.to(current), job.weight))
             fused.append(fusion.composite(canvas, backgrounds, foregrounds))
         return fused[0], fused[1]
 
