@@ -124,7 +124,8 @@ def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
-def clipseg_logits(model, pixels: torch.Tensor, input_ids: torch.Tensor, train_text: bool = False) -> torch.Tensor:
+def clipseg_logits(model, pixels: torch.Tensor, input_ids: torch.Tensor | None = None, train_text: bool = False,
+                   conditional: torch.Tensor | None = None) -> torch.Tensor:
     """CLIPSeg's forward, with gradients through its vision tower.
 
     transformers' `CLIPSegForImageSegmentation.forward` runs the CLIP vision encoder under `torch.no_grad()`,
@@ -133,14 +134,20 @@ def clipseg_logits(model, pixels: torch.Tensor, input_ids: torch.Tensor, train_t
 
     `pixels` holds one image per query, or a single image for all of them: its vision features are then computed
     once and shared by every query (the decoder alone reads the text), which is what makes a query per region cheap.
+    `conditional` (from `text_conditionals`) stands in for `input_ids` when the queries' text features are known.
     """
     vision = model.clip.vision_model(pixel_values=pixels, output_hidden_states=True,
                                      interpolate_pos_encoding=pixels.shape[-1] != model.config.vision_config.image_size)
-    queries = input_ids.shape[0]
-    activations = [vision.hidden_states[i + 1].expand(queries, -1, -1) for i in model.extract_layers]
-    with torch.set_grad_enabled(train_text and torch.is_grad_enabled()):
-        conditional = model.get_conditional_embeddings(batch_size=queries, input_ids=input_ids)
+    if conditional is None:
+        conditional = text_conditionals(model, input_ids, train_text)
+    activations = [vision.hidden_states[i + 1].expand(conditional.shape[0], -1, -1) for i in model.extract_layers]
     return model.decoder(activations, conditional).logits
+
+
+def text_conditionals(model, input_ids: torch.Tensor, train_text: bool = False) -> torch.Tensor:
+    """CLIPSeg's text features of the queries (gradient-free unless `train_text`)."""
+    with torch.set_grad_enabled(train_text and torch.is_grad_enabled()):
+        return model.get_conditional_embeddings(batch_size=input_ids.shape[0], input_ids=input_ids)
 
 
 class Segmenter:
@@ -149,7 +156,9 @@ class Segmenter:
     def __init__(self, model, tokenizer, size: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.size = size or model.config.vision_config.image_size
-        self._ids: dict[str, torch.Tensor] = {}
+        # The queries of an edit stay the same from step to step (until keyword selection changes them), and the
+        # text tower costs more than the vision tower at Φ's small sizes: their features are computed once.
+        self._conditionals: dict[tuple[str, ...], torch.Tensor] = {}
 
     def _input_ids(self, texts: list[str]) -> torch.Tensor:
         tok = self.tokenizer
@@ -160,8 +169,12 @@ class Segmenter:
         """Maps [len(texts), h, w] for one image [1, 3, H, W] in [-1, 1]."""
         if not texts:
             return image.new_zeros((0, *hw))
+        key = tuple(texts)
+        if key not in self._conditionals:
+            with torch.no_grad():
+                self._conditionals[key] = text_conditionals(self.model, self._input_ids(texts))
         pixels = clip_pixels(image, self.size).to(self.model.dtype)
-        logits = clipseg_logits(self.model, pixels, self._input_ids(texts))
+        logits = clipseg_logits(self.model, pixels, conditional=self._conditionals[key])
         logits = logits.reshape(len(texts), 1, *logits.shape[-2:]).float()
         return F.interpolate(logits.sigmoid(), size=hw, mode="bilinear", align_corners=False)[:, 0]
 
@@ -240,6 +253,10 @@ class Guide:
         masks = [box_mask(box, self.hw) for _, box in self.regions[image]]
         return torch.stack(masks) if masks else torch.zeros((0, *self.hw))
 
+    def guided(self) -> list[int]:
+        """The images whose x̂0 guidance moves: the target, and the source too for a guided removal."""
+        return [TARGET, SOURCE] if self.update_source else [TARGET]
+
     def loss(self, decode, x0: dict[int, torch.Tensor], step: int,
              alpha: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """L = λ_rs·L_RS + λ_is·L_IS + λ_ip·L_IP on the fused x̂0 of both images.
@@ -251,14 +268,25 @@ class Guide:
         w = self.weights(step)
         if alpha is not None and self.settings.ip_step == "x0":
             w = LossWeights(w.rs, w.is_, w.ip * ip_step_scale(alpha))
-        images = {i: decode(x0[i]) for i in (SOURCE, TARGET)}
-        maps = {i: self.segmenter(images[i], self.texts(i), self.hw) for i in (SOURCE, TARGET)}
-        self.last_maps = {i: m.detach().cpu() for i, m in maps.items()}
+        # An image that is not guided is only a reference: no graph through its decoder and Φ, and no Φ at all on it
+        # while neither L_IS nor its own L_RS can move anything (its L_RS has no gradient then; it is not logged).
+        guided = self.guided()
+        images, maps = {}, {}
+        seen = [i for i in (SOURCE, TARGET) if i in guided or (w.is_ and self.common)]
+        for i in (SOURCE, TARGET):
+            with torch.set_grad_enabled(i in guided and torch.is_grad_enabled()):
+                images[i] = decode(x0[i])
+                if i in seen:
+                    maps[i] = self.segmenter(images[i], self.texts(i), self.hw)
+        self.last_maps = {**(self.last_maps or {}), **{i: m.detach().cpu() for i, m in maps.items()}}
         rs = sum(region_specific_loss(maps[i][keep], self._box_masks(i).to(maps[i])[keep])
-                 for i in (SOURCE, TARGET) for keep in [self._rs_rows(i)])
-        index = {i: [key for key, _ in self.regions[i]] for i in (SOURCE, TARGET)}
-        pick = {i: [index[i].index(key) for key in self.common] for i in (SOURCE, TARGET)}
-        is_ = infonce_loss(maps[SOURCE][pick[SOURCE]], maps[TARGET][pick[TARGET]])
+                 for i in seen for keep in [self._rs_rows(i)])
+        if len(seen) == 2:
+            index = {i: [key for key, _ in self.regions[i]] for i in (SOURCE, TARGET)}
+            pick = {i: [index[i].index(key) for key in self.common] for i in (SOURCE, TARGET)}
+            is_ = infonce_loss(maps[SOURCE][pick[SOURCE]], maps[TARGET][pick[TARGET]])
+        else:
+            is_ = x0[TARGET].new_zeros(())
         latent_mask = inherent_mask(self.edited, self.hw).to(x0[TARGET])
         pixel_hw = images[TARGET].shape[-2:]
         pixel_mask = inherent_mask(scale_boxes(self.edited, self.factor), tuple(pixel_hw)).to(x0[TARGET])
@@ -272,7 +300,7 @@ class Guide:
         """Re-step DDIM from the guided x̂0 of the target (and of the source for a removal)."""
         from .ddim import ddim_restep
 
-        guided = [TARGET, SOURCE] if self.update_source else [TARGET]
+        guided = self.guided()
         x0 = {i: fused[i][1].detach().float().requires_grad_(i in guided) for i in (SOURCE, TARGET)}
         with torch.enable_grad():
             loss, parts = self.loss(self.decode, x0, step, alpha)
