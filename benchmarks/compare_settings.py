@@ -3,7 +3,8 @@ to try a λ or a switch before changing a default.
 
     python benchmarks/compare_settings.py --set lambda_is=0 --set lambda_is=2 [--limit 12] [--model DIR]
                                           [--work runs/compare] [--out benchmarks/results/compare]
-    accelerate launch --num_processes 2 benchmarks/compare_settings.py ...   # the jobs split over two processes
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 benchmarks/compare_settings.py ...
+                                                     # the jobs split over two CPU processes (on GPUs: no variable)
 
 Each --set is one variant (several settings: --set "lambda_is=2,lambda_ip=150"); values are read as JSON
 (numbers, true/false) and validated by the edit's settings. Uses the bench harness (resumable). Writes

@@ -76,3 +76,30 @@ def test_generator_is_deterministic(tmp_path):
     assert len(entries) == 61
     for path in SUITE.glob("*.json"):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def _test_suite_generator():
+    spec = importlib.util.spec_from_file_location("make_test_suite", ROOT / "benchmarks" / "make_test_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, tuning", [("shapes-test-90", False), ("shapes-tune-60", True)])
+def test_the_test_suite_and_its_tuning_twin_regenerate_and_never_share_unseen_fillers(tmp_path, name, tuning):
+    from mrgd.toyworld.world import HELD_OUT_FILLERS, TEST_FILLERS
+
+    module = _test_suite_generator()
+    committed = ROOT / "benchmarks" / "suites" / name
+    module.make_suite(tmp_path, module.TUNING_SETTINGS if tuning else module.SETTINGS)
+    for path in committed.glob("*.json"):
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+    suite = json.loads((committed / "suite.json").read_text())
+    assert suite["role"] == ("tuning" if tuning else "test")
+    overlapping = sum(entry["overlap"] for entry in suite["pairs"])
+    assert overlapping >= len(suite["pairs"]) / 2
+    text = " ".join(p for entry in suite["pairs"] for r in Edit.load(committed / entry["file"]).regions
+                    for p in (r.prompt, r.target_prompt) if p)
+    # the tuning twin pads with the keyword benchmark's held-out words, never with the test suite's unseen ones
+    assert any(word in text for word in (HELD_OUT_FILLERS if tuning else TEST_FILLERS))
+    assert not any(word in text for word in (TEST_FILLERS if tuning else HELD_OUT_FILLERS))
