@@ -273,3 +273,22 @@ def test_removal_margin_grows_the_ip_hole_over_removed_boxes_only(tiny_guided_pi
                                     pipe.latent_factor, decode).edited)
     (kite, toy, rock), (kite2, toy2, rock2) = holes
     assert (kite, toy) == (kite2, toy2) and rock2.h > rock.h and rock2.w > rock.w
+
+
+def test_text_features_once_per_query_set_and_the_unguided_source_seen_only_when_read(tiny_guided_pipe, monkeypatch):
+    """Φ's text tower runs once per set of queries; the source, which guidance does not move, goes through Φ only
+    where L_IS reads its maps (k ≥ 0.25N) or at the last guided step (the explain masks)."""
+    from mrgd import guidance
+
+    texts, images = [], []
+    tower = guidance.text_conditionals
+    monkeypatch.setattr(guidance, "text_conditionals", lambda model, ids, *a: texts.append(ids.shape[0]) or tower(model, ids, *a))
+    call = guidance.Segmenter.__call__
+    monkeypatch.setattr(guidance.Segmenter, "__call__", lambda self, image, t, hw: images.append(image.requires_grad) or call(self, image, t, hw))
+    edit = _edit(method="mrgd", kssa=False, keywords=0)  # no keyword selection: the queries never change
+    result = tiny_guided_pipe.edit(edit)
+    assert len(texts) == 2  # source's and target's queries
+    guided_steps = [e["step"] for e in result.info["guidance_losses"]]
+    reads = [k for k in guided_steps if k >= 0.25 * edit.steps or k == guided_steps[-1]]
+    assert images.count(False) == len(reads) and images.count(True) == len(guided_steps)
+    assert set(result.explain["masks"]) == {"source", "target"}

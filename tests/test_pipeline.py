@@ -242,3 +242,46 @@ def test_a_removed_box_on_top_clears_the_inherent_crops_under_it_in_the_target_o
     before, after = tiny_pipe.edit(Edit.from_dict(plain)), tiny_pipe.edit(edit)
     assert torch.equal(before.latents["source"], after.latents["source"])
     assert not torch.equal(before.latents["target"], after.latents["target"])
+
+
+def test_a_follow_mask_keeps_the_targets_own_attention_where_it_is_zero():
+    from mrgd.attention import AttentionState, Follow
+
+    layer = _attention_layer(cross=False)
+    x = torch.randn(2, 9, 8)
+    keep = torch.ones(3, 3)
+    keep[1:, 1:] = 0  # four of the nine query pixels keep their own self-attention
+    # the mask is at latent resolution: 6×6, averaged to this level-1 layer's 3×3 queries
+    latent_mask = torch.nn.functional.interpolate(keep[None, None], scale_factor=2)[0, 0]
+    state = AttentionState(low_levels=frozenset({1}), follows=[Follow(0, 1, 0.0, True, follow_mask=latent_mask)])
+    probs = _reference_probs(layer, x, x)
+    v = layer.to_v(x).view(2, -1, 2, 4).transpose(1, 2)
+    out = ControlledAttnProcessor(state, "mid_block.attn1.processor", 1, False)(layer, x)
+    replaced = layer.to_out[0]((probs[0] @ v[1]).transpose(0, 1).reshape(9, 8))
+    own = layer.to_out[0]((probs[1] @ v[1]).transpose(0, 1).reshape(9, 8))
+    spared = (keep.flatten() == 0)
+    assert torch.allclose(out[1][~spared], replaced[~spared], atol=1e-5)
+    assert torch.allclose(out[1][spared], own[spared], atol=1e-5)
+    assert not torch.allclose(replaced[spared], own[spared], atol=1e-3)
+
+
+def test_spared_mask_is_zero_inside_boxes_in_window_coordinates():
+    from mrgd.fusion import LatentBox, spared_mask
+
+    window = LatentBox(2, 10, 4, 12)
+    mask = spared_mask([LatentBox(0, 4, 10, 16), LatentBox(20, 24, 0, 4)], window, (8, 8))
+    expected = torch.ones(8, 8)
+    expected[0:2, 6:8] = 0  # rows 2-3, columns 10-11 of the canvas
+    assert torch.equal(mask, expected)
+    assert spared_mask([LatentBox(20, 24, 0, 4)], window, (8, 8)) is None
+
+
+def test_own_attention_in_changes_only_mrgds_target(tiny_pipe):
+    """Pixels of edited boxes keep their own attention in the background's and r_total's rows: MRGD's target
+    changes where the edit has such a box; the source, and the baselines, never do."""
+    plain = tiny_pipe.edit(_edit(**BARE))
+    spared = tiny_pipe.edit(_edit(**{**BARE, "own_attention_in": ["added", "removed", "modified"]}))
+    assert torch.equal(plain.latents["source"], spared.latents["source"])
+    assert not torch.equal(plain.latents["target"], spared.latents["target"])
+    p2p = [tiny_pipe.edit(_edit(**m)) for m in ({}, {"own_attention_in": ["added", "removed", "modified"]})]
+    assert torch.equal(p2p[0].latents["target"], p2p[1].latents["target"])

@@ -66,6 +66,18 @@ class Follow:
     self_replace: bool  # copy the source's self-attention (low-resolution layers only)
     mapper: torch.Tensor | None = None  # refine: target token j <- source token mapper[j]; None: same positions
     token_alpha: torch.Tensor | None = None  # refine: 1 for matched target tokens, 0 for new ones
+    # [h, w] over the row's (padded) crop at latent resolution: where the row follows the source (1) or keeps its
+    # own attention (0; Settings.own_attention_in). None: the whole row follows.
+    follow_mask: torch.Tensor | None = None
+
+
+def mask_at(mask: torch.Tensor, queries: int, level: int) -> torch.Tensor | None:
+    """A latent-resolution [h, w] mask averaged to a layer `level` times downsampled, as [queries, 1]; None when the
+    layer's query count is not that grid's."""
+    h, w = -(-mask.shape[0] // 2**level), -(-mask.shape[1] // 2**level)
+    if h * w != queries:
+        return None
+    return F.adaptive_avg_pool2d(mask[None, None], (h, w)).reshape(queries, 1)
 
 
 @dataclass
@@ -214,11 +226,17 @@ class ControlledAttnProcessor:
 
     def _edit(self, source: torch.Tensor, target: torch.Tensor, f: Follow) -> torch.Tensor:
         if not self.is_cross:
-            return source
-        edited = source
-        if f.mapper is not None:
-            edited = source[..., f.mapper] * f.token_alpha + target * (1 - f.token_alpha)
-        return f.cross_alpha * edited + (1 - f.cross_alpha) * target
+            edited = source
+        else:
+            edited = source
+            if f.mapper is not None:
+                edited = source[..., f.mapper] * f.token_alpha + target * (1 - f.token_alpha)
+            edited = f.cross_alpha * edited + (1 - f.cross_alpha) * target
+        keep = None if f.follow_mask is None else mask_at(f.follow_mask, target.shape[-2], self.level)
+        if keep is None:
+            return edited
+        keep = keep.to(target)
+        return keep * edited + (1 - keep) * target
 
     # KSSA (method.md §5): keyword logits in a down-block cross-attention pick the top half of pixels; the
     # next self-attention at that level scales those key columns, i.e. those key vectors, by the KSSA scale.

@@ -229,6 +229,21 @@ def within(box: LatentBox, window: LatentBox) -> tuple:
     return (Ellipsis, slice(box.y0 - window.y0, box.y1 - window.y0), slice(box.x0 - window.x0, box.x1 - window.x0))
 
 
+def spared_mask(boxes: list[LatentBox], window: LatentBox, padded: tuple[int, int],
+                device: torch.device | str = "cpu") -> Tensor | None:
+    """[h, w] over a crop's padded window: 0 inside ``boxes`` (canvas latent pixels), 1 elsewhere; None when no box
+    reaches into the window (Settings.own_attention_in)."""
+    mask = torch.ones(padded, device=device)
+    hit = False
+    for box in boxes:
+        y0, y1 = max(box.y0, window.y0) - window.y0, min(box.y1, window.y1) - window.y0
+        x0, x1 = max(box.x0, window.x0) - window.x0, min(box.x1, window.x1) - window.x0
+        if y1 > y0 and x1 > x0:
+            mask[y0:y1, x0:x1] = 0
+            hit = True
+    return mask if hit else None
+
+
 def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
     """Pad the last two dims at the bottom/right up to the next multiple (method.md §2: crops the UNet
     cannot take are padded and cropped back). Returns the padded tensor and the original (h, w)."""

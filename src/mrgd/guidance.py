@@ -269,10 +269,12 @@ class Guide:
         if alpha is not None and self.settings.ip_step == "x0":
             w = LossWeights(w.rs, w.is_, w.ip * ip_step_scale(alpha))
         # An image that is not guided is only a reference: no graph through its decoder and Φ, and no Φ at all on it
-        # while neither L_IS nor its own L_RS can move anything (its L_RS has no gradient then; it is not logged).
+        # while neither L_IS nor its own L_RS can move anything (its L_RS has no gradient then; it is not logged),
+        # except at the last guided step, whose maps `EditResult.explain` shows.
         guided = self.guided()
         images, maps = {}, {}
-        seen = [i for i in (SOURCE, TARGET) if i in guided or (w.is_ and self.common)]
+        last = not any(self.active(k) for k in range(step + 1, self.steps))  # Φ's last maps explain the run
+        seen = [i for i in (SOURCE, TARGET) if i in guided or (w.is_ and self.common) or last]
         for i in (SOURCE, TARGET):
             with torch.set_grad_enabled(i in guided and torch.is_grad_enabled()):
                 images[i] = decode(x0[i])

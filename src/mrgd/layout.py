@@ -184,6 +184,11 @@ class Settings(_Model):
     # A removed object may have reached past its box in the source: L_IP's hole over a removed box, and r_total's
     # (total_clears_removed), grow by this fraction of the box's larger side (ours; fusion.grow_box).
     removal_margin: float = Field(0.0, ge=0, le=1)
+    # Query pixels inside boxes of these roles keep the target's own attention in every other region's rows that
+    # follow the source (background, r_total, inherent crops), method mrgd (ours; §3 replaces whole rows: the
+    # background crop copied the source's self-attention into an added or removed box, so its structure, the old
+    # object or the empty ground, was drawn again there). A region's own rows are never spared.
+    own_attention_in: tuple[Literal["added", "removed", "modified"], ...] = ()
     # Which target regions L_RS pulls towards their box (ours: "edited"; §6: "all" foreground regions): an inherent
     # region's reference is the source, which L_IP keeps; L_RS on it chased its prompt instead.
     rs_regions: Literal["all", "edited"] = "all"

@@ -186,7 +186,7 @@ class MRGDPipeline:
         # 2. Prompts; the empty negative of a region may be replaced by an inverted null embedding (§7).
         with timer("encode"):
             encoded = encode_plans(encoder, {i: plans[i] for i in images})
-            follows_setup = self._control_setup(plans, encoded, settings, info) if len(images) == 2 else {}
+            follows_setup = self._control_setup(edit, plans, encoded, info) if len(images) == 2 else {}
 
         guide = self._guide(edit, plans, info) if len(images) == 2 else None
         tracker = self._keyword_tracker(edit, plans, encoded, images)
@@ -244,7 +244,7 @@ class MRGDPipeline:
             explain["keyword_hw"] = tracker.hw
         if guide is not None and guide.last_maps is not None:
             explain["masks"] = {("source", "target")[i]: list(zip([k for k, _ in guide.regions[i]], guide.texts(i),
-                                                                   guide.last_maps[i])) for i in (SOURCE, TARGET)}
+                                                                   guide.last_maps[i])) for i in guide.last_maps}
         return EditResult(pictures[SOURCE] if SOURCE in pictures else None, pictures.get(TARGET), info,
                           {("source", "target")[i]: latents[i].cpu() for i in images}, explain)
 
@@ -311,12 +311,18 @@ class MRGDPipeline:
         return RegionPlan(region.id, region.kind, box, layout.region_prompt(region), layout.region_negative(region),
                           mask, control)
 
-    def _control_setup(self, plans, encoded, settings: Settings, info) -> dict[str, dict]:
+    def _control_setup(self, edit: Edit, plans, encoded, info) -> dict[str, dict]:
         """Per region present in both images: how its target rows follow its source rows (method.md §3)."""
+        settings = edit.mrgd
         if settings.method == "multidiffusion":
             return {}
         setup = {}
         source_plans = {p.key: p for p in plans[SOURCE]}
+        spared = []  # (key, latent box) of the regions whose pixels keep their own attention in other rows
+        if settings.method == "mrgd":
+            roles = {r.id: r.role for r in edit.regions}
+            spared = [(key, p.box) for key, p in {**source_plans, **{p.key: p for p in plans[TARGET]}}.items()
+                      if roles.get(key) in settings.own_attention_in]
         for plan in plans[TARGET]:
             if plan.key not in source_plans or plan.control in ("added", "removed"):
                 continue
@@ -331,7 +337,7 @@ class MRGDPipeline:
                 mapper, alpha = refine_mapping(src.token_ids, tgt.token_ids)
                 mapper, alpha = mapper.to(self.device), alpha.to(self.device, self.dtype)
             setup[plan.key] = {"cross": cross, "self": self_, "mapper": mapper, "alpha": alpha,
-                               "first": plan.first_step}
+                               "first": plan.first_step, "spared": [box for key, box in spared if key != plan.key]}
         return setup
 
     def _guide(self, edit: Edit, plans, info):
@@ -410,7 +416,8 @@ class MRGDPipeline:
             offsets = [(factor * windows[i].y0, factor * windows[i].x0) for i in indices] * (2 if cfg else 1)
             extra = self.family.unet_kwargs([r.pooled for r in rows], offsets, canvas)
             state.reset_call()
-            state.follows = self._follows(group, setup, step, steps, schedule, len(group) if cfg else 0)
+            state.follows = self._follows(group, setup, step, steps, schedule, len(group) if cfg else 0,
+                                          [windows[i] for i in indices], tuple(batch.shape[-2:]))
             self._prepare_call(state, group, len(group) if cfg else 0, tracker)
             model_in = torch.cat([batch, batch]) if cfg else batch
             out = self.unet(model_in, t, encoder_hidden_states=torch.cat([r.embeds for r in rows]), **extra).sample
@@ -477,17 +484,20 @@ class MRGDPipeline:
             state.kssa_levels = frozenset(range(8))  # every down-block level; the processor checks the block
         info["keywords"] = {("source", "target")[i]: tracker.words(i) for i in tracker.selected}
 
-    def _follows(self, group: list[Job], setup, step: int, steps: int, schedule: str, cond_offset: int) -> list[Follow]:
+    def _follows(self, group: list[Job], setup, step: int, steps: int, schedule: str, cond_offset: int,
+                 windows: list[fusion.LatentBox], padded: tuple[int, int]) -> list[Follow]:
         """Target cond rows that follow their source cond rows in this call; only cond rows are edited."""
         follows = []
         rows = {(j.key, j.image): cond_offset + n for n, j in enumerate(group)}
+        window = {(j.key, j.image): win for j, win in zip(group, windows)}
         for key, params in setup.items():
             if (key, SOURCE) not in rows or (key, TARGET) not in rows:
                 continue
             call = step - params["first"]
             follows.append(Follow(rows[(key, SOURCE)], rows[(key, TARGET)],
                                   cross_alpha(call, params["cross"], steps, schedule),
-                                  self_replace_active(call, params["self"], steps), params["mapper"], params["alpha"]))
+                                  self_replace_active(call, params["self"], steps), params["mapper"], params["alpha"],
+                                  fusion.spared_mask(params["spared"], window[(key, TARGET)], padded, self.device)))
         return follows
 
     def _fuse(self, jobs: list[Job], outputs, image: int, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
