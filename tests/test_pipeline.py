@@ -285,3 +285,19 @@ def test_own_attention_in_changes_only_mrgds_target(tiny_pipe):
     assert not torch.equal(plain.latents["target"], spared.latents["target"])
     p2p = [tiny_pipe.edit(_edit(**m)) for m in ({}, {"own_attention_in": ["added", "removed", "modified"]})]
     assert torch.equal(p2p[0].latents["target"], p2p[1].latents["target"])
+
+
+@pytest.mark.parametrize("roles", [["added"], ["added", "modified"]])
+def test_total_clears_edited_leaves_the_added_and_modified_boxes_to_their_own_crops(tiny_pipe, roles):
+    def total_weight(**mrgd):
+        edit = _edit(**{**BARE, **mrgd})
+        plans = tiny_pipe._plan_regions(edit, edit.target(), 1, 5)
+        return next(p for p in plans if p.key == "__total__").weight
+
+    weight = total_weight(total_clears_edited=roles)
+    # toy (added) covers latent rows and columns 4-7 of the 8x8 canvas, kite (modified) rows 0-3, columns 4-7
+    assert torch.all(weight[5:7, 5:7] == 0)
+    assert torch.all(weight[1:3, 5:7] == (0 if "modified" in roles else 1))
+    assert torch.all(weight[4:, :3] == 1)  # the inherent ball keeps r_total
+    assert total_weight(total_clears_edited=roles, method="p2p") is None  # the baselines keep §2's r_total
+    assert total_weight() is None

@@ -181,6 +181,9 @@ class Settings(_Model):
     # feather mask there (fusion.clear_mask), so what the removed object leaves is the background's.
     # On the tuning suite removals overlapping an inherent box went from CLIP 42.4 to 56.1 (60.0 with edited_on_top).
     total_clears_removed: bool = True
+    # ... and over the boxes of these roles (ours): the region's own crop alone draws its object there, as in
+    # MultiDiffusion, which has no r_total; r_total had blended the other objects of its prompt into it.
+    total_clears_edited: tuple[Literal["added", "modified"], ...] = ()
     # A removed object may have reached past its box in the source: L_IP's hole over a removed box, and r_total's
     # (total_clears_removed), grow by this fraction of the box's larger side (ours; fusion.grow_box).
     removal_margin: float = Field(0.0, ge=0, le=1)

@@ -270,12 +270,15 @@ class MRGDPipeline:
             parts = [(None, layout.prompt)] + [(r.id, r.prompt) for r in layout.regions]
             total = RegionPlan(TOTAL, "foreground", full, layout.total_prompt(), layout.negative_prompt,
                                torch.ones(full.size), "total", first, parts)
-            removed = [r for r in edit.regions if r.role == "removed"]
-            if image == TARGET and settings.method == "mrgd" and settings.total_clears_removed and removed:
-                # r_total knows every object of the target but not where: over a removed box it drew one of them
+            removed = [r for r in edit.regions if r.role == "removed"] if settings.total_clears_removed else []
+            added = [r for r in edit.regions if r.role in settings.total_clears_edited]
+            if image == TARGET and settings.method == "mrgd" and (removed or added):
+                # r_total knows every object of the target but not where: over a removed box it drew one of them,
+                # and over an added or modified box it blends them into the new object
                 boxes = [fusion.grow_box(fusion.latent_box(r.box, edit.size, self.latent_factor),
                                          settings.removal_margin, full.size) for r in removed]
-                total.weight = fusion.clear_mask(full.size, boxes, removed[0].feather)
+                boxes += [fusion.latent_box(r.box, edit.size, self.latent_factor) for r in added]
+                total.weight = fusion.clear_mask(full.size, boxes, (removed + added)[0].feather)
             plans.append(total)
         # MRGD's composite (the baselines keep §2's); the source stays what `generate` draws of its layout
         if settings.method == "mrgd" and settings.edited_on_top and image == TARGET:
