@@ -17,12 +17,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from mrgd.layout import Edit
+from mrgd.layout import PAPERS_RULES, Edit
 from mrgd.models import DEFAULT_MODEL, load_pipeline
 
-# Every setting issue 16 added, at the value that gives the research code's (method.md's) behaviour.
-PAPER_RULES = {"edited_on_top": [], "total_clears_removed": False, "removal_margin": 0.0, "rs_regions": "all",
-               "ip_step": "epsilon", "guidance_max_step": None, "keyword_max_entropy": None}
 COLOURS = {"added": (0, 220, 0), "removed": (235, 40, 40), "modified": (255, 160, 0), "inherent": (255, 255, 255)}
 
 
@@ -51,7 +48,7 @@ def main() -> None:
     for name in args.pairs.split(","):
         data = json.loads((Path(args.suite) / f"{name}.json").read_text())
         tiles = []
-        for i, rules in enumerate((PAPER_RULES, {})):
+        for i, rules in enumerate((PAPERS_RULES, {})):
             edit = Edit.from_dict({**data, "mrgd": {**data.get("mrgd", {}), **rules}})
             result = pipe.edit(edit)
             if i == 0:

@@ -11,7 +11,7 @@ from mrgd.ddim import ddim_restep, ddim_step
 from mrgd.fusion import LatentBox
 from mrgd.guidance import (box_mask, infonce_loss, inherent_mask, inherent_preservation_loss, loss_weights,
                            query_text, region_specific_loss)
-from mrgd.layout import Edit
+from mrgd.layout import PAPERS_RULES, Edit
 
 
 def test_restep_with_zero_gradient_reproduces_the_fused_step():
@@ -98,9 +98,9 @@ def _edit(**mrgd):
 
 def test_mrgd_with_zero_lambdas_equals_p2p(tiny_guided_pipe):
     p2p = tiny_guided_pipe.edit(_edit(method="p2p"))
-    # with §2's composite: MRGD's own (edited_on_top, total_clears_removed) is checked in test_pipeline
+    # with §2's composite: MRGD's own rules (layout.PAPERS_RULES) are checked in test_pipeline
     mrgd = tiny_guided_pipe.edit(_edit(method="mrgd", lambda_rs=0, lambda_is=0, lambda_ip=0, kssa=False, keywords=0,
-                                       edited_on_top=[], total_clears_removed=False))
+                                       **PAPERS_RULES))
     assert np.abs(np.asarray(p2p.target, int) - np.asarray(mrgd.target, int)).max() <= 1
     assert np.abs(np.asarray(p2p.source, int) - np.asarray(mrgd.source, int)).max() <= 1
 
@@ -292,3 +292,12 @@ def test_text_features_once_per_query_set_and_the_unguided_source_seen_only_when
     reads = [k for k in guided_steps if k >= 0.25 * edit.steps or k == guided_steps[-1]]
     assert images.count(False) == len(reads) and images.count(True) == len(guided_steps)
     assert set(result.explain["masks"]) == {"source", "target"}
+
+
+def test_ip_without_pixels_is_the_latent_term_alone():
+    z_s, z_t = torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 4)
+    img_s, img_t = torch.zeros(1, 3, 32, 32), torch.full((1, 3, 32, 32), 0.5)
+    mask4, mask32 = torch.ones(4, 4), torch.ones(32, 32)
+    both = inherent_preservation_loss(img_s, img_t, z_s, z_t, mask32, mask4)
+    latent = inherent_preservation_loss(None, None, z_s, z_t, None, mask4)
+    assert latent.item() == pytest.approx(1.0) and both.item() == pytest.approx(1.25)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import THREE_REGION_EDIT
 from mrgd.attention import ControlledAttnProcessor, cross_alpha, refine_mapping, self_replace_active
-from mrgd.layout import Edit
+from mrgd.layout import PAPERS_RULES, Edit
 
 
 def _edit(**mrgd):
@@ -185,7 +185,7 @@ def test_guidance_input_size_is_read_from_the_saved_image_processor(tmp_path, ki
 
 
 # MRGD's composite switches, with guidance, keywords and KSSA off so that only the composite differs
-BARE = {"method": "mrgd", "guidance": False, "keywords": 0, "kssa": False, "edited_on_top": [], "total_clears_removed": False}
+BARE = {"method": "mrgd", "guidance": False, "keywords": 0, "kssa": False, **PAPERS_RULES}
 
 
 def _overlapping_addition(**mrgd):
@@ -301,3 +301,20 @@ def test_total_clears_edited_leaves_the_added_and_modified_boxes_to_their_own_cr
     assert torch.all(weight[4:, :3] == 1)  # the inherent ball keeps r_total
     assert total_weight(total_clears_edited=roles, method="p2p") is None  # the baselines keep §2's r_total
     assert total_weight() is None
+
+
+def test_total_within_objects_keeps_r_total_to_each_images_foreground_boxes(tiny_pipe):
+    edit = _edit(**{**BARE, "total_within": "objects"})
+    weights = {image: next(p for p in tiny_pipe._plan_regions(edit, layout, image, 5) if p.key == "__total__").weight
+               for image, layout in ((0, edit.source()), (1, edit.target()))}
+    # 8x8 latent canvas, boxes too small to feather. Source: rock rows/cols 0-2, kite rows 0-3 cols 4-7, ball rows
+    # 4-7 cols 0-3 (the toy's place, rows and cols 4-7, is empty); target: ball, kite, toy (the rock's place is)
+    expected = {0: torch.ones(8, 8), 1: torch.ones(8, 8)}
+    expected[0][4:, 4:] = expected[0][3, :4] = expected[0][:4, 3] = 0
+    expected[1][:4, :4] = 0
+    for image, weight in weights.items():
+        assert torch.equal(weight, expected[image]), image
+    canvas, objects = tiny_pipe.edit(_edit(**BARE)), tiny_pipe.edit(edit)
+    assert not torch.equal(canvas.latents["source"], objects.latents["source"])  # both images: no stray objects
+    papers, p2p = (tiny_pipe.edit(_edit(method="p2p", **m)) for m in ({}, {"total_within": "objects"}))
+    assert torch.equal(papers.latents["target"], p2p.latents["target"])  # P2P* keeps §2's r_total

@@ -179,13 +179,20 @@ def clear_mask(hw: tuple[int, int], boxes: list[LatentBox], ratio: float) -> Ten
     return weight
 
 
+def cover_mask(hw: tuple[int, int], boxes: list[tuple[LatentBox, Tensor]]) -> Tensor:
+    """The largest feather mask over each pixel of the given (box, mask) pairs, 0 where none lies: r_total's weight
+    when it may draw only where the layout has objects (`Settings.total_within` "objects"). [h, w]"""
+    cover = torch.zeros(hw)
+    for box, mask in boxes:
+        cover[box.slices] = torch.maximum(cover[box.slices], mask.to(cover))
+    return cover
+
+
 def under_weights(hw: tuple[int, int], above: list[tuple[LatentBox, Tensor]], below: list[LatentBox]) -> list[Tensor]:
     """Weights of the ``below`` boxes' crops where the ``above`` boxes (with their feather masks) lie over them:
     1 − the largest covering mask, so an edited object is composited over an inherent one instead of averaged with
     it (`Settings.edited_on_top`). One [h, w] weight per ``below`` box, in its order."""
-    cover = torch.zeros(hw)
-    for box, mask in above:
-        cover[box.slices] = torch.maximum(cover[box.slices], mask.to(cover))
+    cover = cover_mask(hw, above)
     return [1 - cover[box.slices] for box in below]
 
 

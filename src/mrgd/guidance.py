@@ -46,10 +46,15 @@ def infonce_loss(source_maps: torch.Tensor, target_maps: torch.Tensor, temperatu
     return F.cross_entropy(logits, torch.arange(len(s), device=s.device))
 
 
-def inherent_preservation_loss(image_s: torch.Tensor, image_t: torch.Tensor, latent_s: torch.Tensor,
-                               latent_t: torch.Tensor, pixel_mask: torch.Tensor, latent_mask: torch.Tensor) -> torch.Tensor:
-    """L_IP (Eq. 4): mean((ℳ ⊙ (I^S − I^T))²) + mean((ℳ ⊙ (z^S − z^T))²), ℳ the soft inherent mask."""
-    return ((pixel_mask * (image_s - image_t)) ** 2).mean() + ((latent_mask * (latent_s - latent_t)) ** 2).mean()
+def inherent_preservation_loss(image_s: torch.Tensor | None, image_t: torch.Tensor | None, latent_s: torch.Tensor,
+                               latent_t: torch.Tensor, pixel_mask: torch.Tensor | None,
+                               latent_mask: torch.Tensor) -> torch.Tensor:
+    """L_IP (Eq. 4): mean((ℳ ⊙ (I^S − I^T))²) + mean((ℳ ⊙ (z^S − z^T))²), ℳ the soft inherent mask.
+    Images of None: the latent term alone (`Settings.ip_pixels` false)."""
+    latent = ((latent_mask * (latent_s - latent_t)) ** 2).mean()
+    if image_s is None or image_t is None:
+        return latent
+    return ((pixel_mask * (image_s - image_t)) ** 2).mean() + latent
 
 
 def inherent_mask(edited: list[LatentBox], hw: tuple[int, int], feather: float = 0.2) -> torch.Tensor:
@@ -290,9 +295,13 @@ class Guide:
         else:
             is_ = x0[TARGET].new_zeros(())
         latent_mask = inherent_mask(self.edited, self.hw).to(x0[TARGET])
-        pixel_hw = images[TARGET].shape[-2:]
-        pixel_mask = inherent_mask(scale_boxes(self.edited, self.factor), tuple(pixel_hw)).to(x0[TARGET])
-        ip = inherent_preservation_loss(images[SOURCE], images[TARGET], x0[SOURCE], x0[TARGET], pixel_mask, latent_mask)
+        if self.settings.ip_pixels:
+            pixel_hw = images[TARGET].shape[-2:]
+            pixel_mask = inherent_mask(scale_boxes(self.edited, self.factor), tuple(pixel_hw)).to(x0[TARGET])
+            ip = inherent_preservation_loss(images[SOURCE], images[TARGET], x0[SOURCE], x0[TARGET], pixel_mask,
+                                            latent_mask)
+        else:
+            ip = inherent_preservation_loss(None, None, x0[SOURCE], x0[TARGET], None, latent_mask)
         total = w.rs * rs + w.is_ * is_ + w.ip * ip
         # detached tensors, not floats: reading a value back would wait for the GPU at every step (see `finish`)
         return total, {name: torch.as_tensor(value).detach() for name, value in

@@ -162,6 +162,7 @@ class Settings(_Model):
     # On the tuning suite (shapes-61, 36 pairs) "x0" lifted SSIM-i from 0.945 / 0.942 / 0.971 to 0.993 / 0.989 / 0.994
     # (add / remove / attribute) at CLIP within 1.4 points (benchmarks/results/overlap-tuning.md).
     ip_step: Literal["epsilon", "x0"] = "x0"
+    ip_pixels: bool = True  # L_IP's pixel term (Eq. 4); false: its latent term alone
     # The most a guided re-step may move x̂0, as an RMS over the latent (ours; §6 has no limit): the gradient is
     # scaled down to it (guidance.limit_step). None: no limit.
     guidance_max_step: float | None = Field(None, gt=0)
@@ -184,6 +185,11 @@ class Settings(_Model):
     # ... and over the boxes of these roles (ours): the region's own crop alone draws its object there, as in
     # MultiDiffusion, which has no r_total; r_total had blended the other objects of its prompt into it.
     total_clears_edited: tuple[Literal["added", "modified"], ...] = ()
+    # Where r_total may draw, method mrgd, both images (ours; §2: "canvas", the whole picture). Its prompt names every
+    # object but not where: outside the boxes it drew them again on the background (stray objects in the source that
+    # the target then keeps, also inside a removed box). "objects": only under the image's foreground boxes, weighted
+    # by their feather masks (fusion.cover_mask); elsewhere the background region alone draws the background.
+    total_within: Literal["canvas", "objects"] = "canvas"
     # A removed object may have reached past its box in the source: L_IP's hole over a removed box, and r_total's
     # (total_clears_removed), grow by this fraction of the box's larger side (ours; fusion.grow_box).
     removal_margin: float = Field(0.0, ge=0, le=1)
@@ -201,6 +207,13 @@ class Settings(_Model):
         if control in ("added", "removed"):
             return 0.0, 0.0
         return getattr(self.cross_replace, control), getattr(self.self_replace, control)
+
+
+# The settings of ours that change where and how the edited and inherent boxes are drawn and guided, at the values
+# that give method.md's (the research code's) behaviour.
+PAPERS_RULES: dict[str, Any] = {"ip_step": "epsilon", "ip_pixels": True, "edited_on_top": (), "total_clears_removed": False,
+                                "total_clears_edited": (), "total_within": "canvas", "own_attention_in": (),
+                                "removal_margin": 0.0, "rs_regions": "all", "guidance_max_step": None}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -279,6 +279,11 @@ class MRGDPipeline:
                                          settings.removal_margin, full.size) for r in removed]
                 boxes += [fusion.latent_box(r.box, edit.size, self.latent_factor) for r in added]
                 total.weight = fusion.clear_mask(full.size, boxes, (removed + added)[0].feather)
+            if settings.method == "mrgd" and settings.total_within == "objects":
+                # ... and anywhere on the canvas it drew them again where the layout has only background
+                objects = [(p.box, p.mask) for p in plans if p.layer == "foreground"]
+                within = fusion.cover_mask(full.size, objects)
+                total.weight = within if total.weight is None else total.weight * within
             plans.append(total)
         # MRGD's composite (the baselines keep §2's); the source stays what `generate` draws of its layout
         if settings.method == "mrgd" and settings.edited_on_top and image == TARGET:
