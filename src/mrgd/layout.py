@@ -184,12 +184,15 @@ class Settings(_Model):
     total_clears_removed: bool = True
     # ... and over the boxes of these roles (ours): the region's own crop alone draws its object there, as in
     # MultiDiffusion, which has no r_total; r_total had blended the other objects of its prompt into it.
-    total_clears_edited: tuple[Literal["added", "modified"], ...] = ()
+    # Chosen with total_within and own_attention_in below on both tuning suites (shapes-61 36 pairs + shapes-tune-60,
+    # 92 pairs; benchmarks/results/tuning-r-total.md): CLIP add / remove / attribute 51.1 / 52.9 / 46.8 -> 53.7 / 61.8 /
+    # 48.5, SSIM-e add 0.907 -> 0.892 (remove and attribute up).
+    total_clears_edited: tuple[Literal["added", "modified"], ...] = ("added", "modified")
     # Where r_total may draw, method mrgd, both images (ours; §2: "canvas", the whole picture). Its prompt names every
     # object but not where: outside the boxes it drew them again on the background (stray objects in the source that
     # the target then keeps, also inside a removed box). "objects": only under the image's foreground boxes, weighted
     # by their feather masks (fusion.cover_mask); elsewhere the background region alone draws the background.
-    total_within: Literal["canvas", "objects"] = "canvas"
+    total_within: Literal["canvas", "objects"] = "objects"
     # A removed object may have reached past its box in the source: L_IP's hole over a removed box, and r_total's
     # (total_clears_removed), grow by this fraction of the box's larger side (ours; fusion.grow_box).
     removal_margin: float = Field(0.0, ge=0, le=1)
@@ -197,7 +200,7 @@ class Settings(_Model):
     # follow the source (background, r_total, inherent crops), method mrgd (ours; §3 replaces whole rows: the
     # background crop copied the source's self-attention into an added or removed box, so its structure, the old
     # object or the empty ground, was drawn again there). A region's own rows are never spared.
-    own_attention_in: tuple[Literal["added", "removed", "modified"], ...] = ()
+    own_attention_in: tuple[Literal["added", "removed", "modified"], ...] = ("added", "removed", "modified")
     # Which target regions L_RS pulls towards their box (ours: "edited"; §6: "all" foreground regions): an inherent
     # region's reference is the source, which L_IP keeps; L_RS on it chased its prompt instead.
     rs_regions: Literal["all", "edited"] = "all"
