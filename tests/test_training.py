@@ -122,15 +122,16 @@ def test_a_unet_stage_started_from_a_model_folder_extends_it_and_assembles_over_
     assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
 
 
-def test_taesd_stage_distils_a_tiny_decoder_that_loads_as_guidance_decoder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("grad_weight", [0.0, 1.0])
+def test_taesd_stage_distils_a_tiny_decoder_that_loads_as_guidance_decoder(tmp_path, monkeypatch, grad_weight):
     """The taesd stage on a handful of scenes and a tiny VAE: it trains, saves a loadable AutoencoderTiny, and the
-    decoder moves towards the VAE's decoding (the loss falls)."""
+    decoder moves towards the VAE's decoding (the loss falls); with the gradient term its agreement is logged."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from mrgd.models import load_tiny_decoder
     from mrgd.toyworld import data as D
 
-    cfg = T.TrainConfig(out=str(tmp_path), taesd_steps=100, taesd_batch=2)  # logged every 50 steps
+    cfg = T.TrainConfig(out=str(tmp_path), taesd_steps=100, taesd_batch=2, taesd_grad_weight=grad_weight)  # logged every 50 steps
     D.save_pool(D.make_scene_pool(8, 0), (tmp_path / "data").mkdir() or tmp_path / "data" / "scenes.npz")
     D.save_pool(D.make_crop_pool(8, 1), tmp_path / "data" / "crops.npz")
     torch.manual_seed(0)
@@ -138,9 +139,23 @@ def test_taesd_stage_distils_a_tiny_decoder_that_loads_as_guidance_decoder(tmp_p
                   up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
                   mid_block_add_attention=False).save_pretrained(tmp_path / "vae" / "final")
     assert T.stage_taesd(cfg, T.Budget(None))
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
-              if '"step"' in line]
-    assert losses[-1] < losses[0]
+    logs = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines() if '"step"' in line]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert all(("grad_cos" in log) == bool(grad_weight) for log in logs)
     tiny = load_tiny_decoder(str(tmp_path / "taesd" / "final"))
     assert isinstance(tiny, AutoencoderTiny) and tiny.decode(torch.zeros(1, 4, 8, 8)).sample.shape == (1, 3, 64, 64)
     assert "block_out_channels" not in json.loads((tmp_path / "taesd" / "final" / "config.json").read_text())
+
+
+def test_gradient_agreement_is_zero_for_the_teacher_itself_and_positive_for_another_decoder():
+    from mrgd.toyworld.models import make_tiny_vae
+
+    torch.manual_seed(0)
+    student, other = make_tiny_vae(), make_tiny_vae()
+    z, nudge = torch.randn(2, 4, 4, 4), 0.3 * torch.randn(2, 4, 4, 4)
+    same, cosine = T.gradient_agreement(student, lambda z_: student.decode(z_).sample, z, nudge)
+    assert same.item() == pytest.approx(0, abs=1e-10) and cosine == pytest.approx(1, abs=1e-5)
+    apart, cosine = T.gradient_agreement(student, lambda z_: other.decode(z_).sample, z, nudge)
+    assert apart.item() > 0.01 and cosine < 0.999
+    apart.backward()  # differentiable in the student: the stage trains on it
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
