@@ -298,3 +298,12 @@ def test_records_carry_the_overlap_class(tmp_path, tiny_pipe):
     results = bench.run_bench(tiny_pipe, folder, tmp_path / "out", bench.variants(["multidiffusion"]))
     assert [r["overlap"] for r in results["records"]] == [True]
     assert results["summary"]["split"]["multidiffusion"]["add"]["overlap"]["n"] == 1
+
+
+def test_image_paths_of_a_variant_named_after_a_folder_stay_in_images():
+    from mrgd.bench import image_paths
+
+    source, target = image_paths("add-00", "mrgd-guidance_vae/home/me/taesd")
+    for path in (source, target):
+        assert path.startswith("images/add-00__") and path.count("/") == 1
+    assert image_paths("add-00", "mrgd")[0] == "images/add-00__mrgd__source.png"  # plain names unchanged

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -292,7 +293,9 @@ def _number(value: float | None) -> float | None:
 
 
 def image_paths(pair: str, variant: str) -> tuple[str, str]:
-    """Source and target image paths of a job, relative to the bench folder."""
+    """Source and target image paths of a job, relative to the bench folder (a variant named after a setting's
+    value may hold a folder path: its separators become "_")."""
+    variant = re.sub(r"[/\\:\x00-\x1f]", "_", variant)
     return f"images/{pair}__{variant}__source.png", f"images/{pair}__{variant}__target.png"
 
 
