@@ -25,6 +25,7 @@ chosen on such pairs and still be reported on pairs nobody looked at.
 
     python benchmarks/make_test_suite.py            # -> benchmarks/suites/shapes-test-90
     python benchmarks/make_test_suite.py --tuning   # -> benchmarks/suites/shapes-tune-60
+    python benchmarks/make_test_suite.py --tuning --seed 71113 --tasks attribute=40 --out benchmarks/suites/shapes-tune-attr-40
 """
 
 from __future__ import annotations
@@ -193,10 +194,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tuning", action="store_true", help="the tuning twin shapes-tune-60 (TUNING_SETTINGS)")
     parser.add_argument("--out", type=Path, help="default: benchmarks/suites/shapes-test-90 or shapes-tune-60")
+    parser.add_argument("--seed", type=int, help="with --tuning: another tuning suite of the same kind")
+    parser.add_argument("--tasks", help="with --tuning: pairs per task, e.g. attribute=40 (default 20 each)")
     args = parser.parse_args(argv)
+    if (args.seed is not None or args.tasks) and not args.tuning:
+        parser.error("--seed and --tasks make further tuning suites: use them with --tuning (the test suite is fixed)")
+    settings = dict(TUNING_SETTINGS if args.tuning else SETTINGS)
+    if args.seed is not None:
+        if args.seed == SETTINGS["seed"]:
+            parser.error(f"--seed {args.seed} is the test suite's seed")
+        settings["seed"] = args.seed
+    if args.tasks:
+        try:
+            settings["tasks"] = {task: int(n) for task, n in (item.split("=") for item in args.tasks.split(","))}
+        except ValueError:
+            parser.error(f"--tasks {args.tasks!r}: write TASK=COUNT pairs, e.g. attribute=40 or add=10,remove=10")
+        unknown = set(settings["tasks"]) - set(PREFIX)
+        if unknown or min(settings["tasks"].values()) < 1:
+            parser.error(f"--tasks {args.tasks!r}: tasks are {', '.join(PREFIX)}, each with a positive count")
     default = "shapes-tune-60" if args.tuning else "shapes-test-90"
     args.out = args.out or Path("benchmarks/suites") / default
-    entries = make_suite(args.out, TUNING_SETTINGS if args.tuning else SETTINGS)
+    entries = make_suite(args.out, settings)
     print(f"wrote {len(entries)} edits and suite.json to {args.out}")
 
 
