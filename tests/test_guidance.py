@@ -301,3 +301,18 @@ def test_ip_without_pixels_is_the_latent_term_alone():
     both = inherent_preservation_loss(img_s, img_t, z_s, z_t, mask32, mask4)
     latent = inherent_preservation_loss(None, None, z_s, z_t, None, mask4)
     assert latent.item() == pytest.approx(1.0) and both.item() == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("max_step", [1.0, 0.25])
+def test_a_spiking_gradient_moves_x0_no_more_than_guidance_max_step(tiny_guided_pipe, max_step):
+    # λ_rs 1e6 stands in for one of Φ's backward spikes; step 0's x̂0 before guidance is the unguided run's
+    def first_x0(**settings):
+        seen = {}
+        tiny_guided_pipe.edit(_edit(method="mrgd", lambda_rs=1e6, lambda_is=0.0, lambda_ip=0.0, keywords=0, **settings),
+                              callback=lambda s: seen.setdefault(s["step"], s["x0"][1].clone()))
+        return seen[0]
+
+    plain = first_x0(guidance=False)
+    move = lambda x0: float((x0 - plain).pow(2).mean().sqrt())  # noqa: E731
+    assert move(first_x0(guidance_max_step=None)) > 2 * max_step  # the spike, unlimited
+    assert move(first_x0(guidance_max_step=max_step)) == pytest.approx(max_step, rel=1e-3)

@@ -164,8 +164,13 @@ class Settings(_Model):
     ip_step: Literal["epsilon", "x0"] = "x0"
     ip_pixels: bool = True  # L_IP's pixel term (Eq. 4); false: its latent term alone
     # The most a guided re-step may move x̂0, as an RMS over the latent (ours; §6 has no limit): the gradient is
-    # scaled down to it (guidance.limit_step). None: no limit.
-    guidance_max_step: float | None = Field(None, gt=0)
+    # scaled down to it (guidance.limit_step). None: no limit. Φ's backward spikes now and then: at one step the
+    # gradient reaching the decoded image grows ~100x while the one reaching Φ's maps stays as before, and the re-step
+    # moved x̂0 by up to 30 RMS (typical moves are 0.02-0.6; x̂0 itself is ~1.7): 3 of 15 tuning edits run with the
+    # defaults passed 1, and under another r_total rule one target was repainted whole (SSIM-i 0.45). 1.0 clips only
+    # such spikes: on shapes-tune-60 CLIP add / remove / attribute 47.9 / 56.2 / 41.7 -> 47.7 / 57.6 / 43.1, SSIM
+    # within 0.001 or higher (benchmarks/results/tuning-guidance-cost.md).
+    guidance_max_step: float | None = Field(1.0, gt=0)
     # §6 (the research code) guides the source too when a region is removed. Off by default: on shapes-v3 the pull of
     # L_IP on both images wrecked removals (10 pairs: CLIP 34.4 / SSIM-e 0.794 / SSIM-i 0.752, target-only 46.5 /
     # 0.865 / 0.942), and a removal's source is what the user asked to keep. benchmarks/results/removal-guidance.md
