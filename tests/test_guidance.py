@@ -316,3 +316,22 @@ def test_a_spiking_gradient_moves_x0_no_more_than_guidance_max_step(tiny_guided_
     move = lambda x0: float((x0 - plain).pow(2).mean().sqrt())  # noqa: E731
     assert move(first_x0(guidance_max_step=None)) > 2 * max_step  # the spike, unlimited
     assert move(first_x0(guidance_max_step=max_step)) == pytest.approx(max_step, rel=1e-3)
+
+
+def test_guiding_every_kth_step_weighs_l_ip_k_times_where_it_runs(tiny_guided_pipe):
+    from mrgd.guidance import Guide, Segmenter
+
+    pipe = tiny_guided_pipe
+    _, decode = pipe.guidance_decoder("full")
+
+    def guide(**settings):
+        edit = _edit(method="mrgd", lambda_rs=3.0, lambda_is=2.0, lambda_ip=300.0, **settings)
+        plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
+        return Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer),
+                              pipe.latent_factor, decode)
+
+    every, second = guide(guidance_every=1), guide(guidance_every=2)
+    for step in range(THREE_REGION_EDIT["steps"]):
+        one, two = every.weights(step), second.weights(step)
+        assert (two.rs, two.is_, two.ip) == (one.rs, one.is_, 2 * one.ip)
+    assert any(every.weights(step).ip > 0 for step in range(THREE_REGION_EDIT["steps"]))

@@ -238,8 +238,13 @@ class Guide:
                    rs_keys)
 
     def weights(self, step: int) -> LossWeights:
+        """λ's of a step. With `guidance_every` k, L_IP weighs k·λ_ip on the steps it runs (ours): it holds inherent
+        regions against a drift that acts at every step, so its pull over the run stays the same. L_RS and L_IS steer
+        the edit and keep their λ's: scaled as well, they cost attribute edits CLIP. k = 2 on shapes-tune-60, SSIM-i
+        add / remove / attribute against guiding every step: −0.014 / −0.020 / −0.026 without the factor, +0.000 /
+        +0.008 / −0.001 with it (and the tiny decoder; benchmarks/results/tuning-guidance-cost.md)."""
         s = self.settings
-        return loss_weights(step, self.steps, s.lambda_rs, s.lambda_is, s.lambda_ip)
+        return loss_weights(step, self.steps, s.lambda_rs, s.lambda_is, s.lambda_ip * s.guidance_every)
 
     def active(self, step: int) -> bool:
         s = self.settings

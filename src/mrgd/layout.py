@@ -149,7 +149,7 @@ class Settings(_Model):
     # every task and matches 0 (benchmarks/results/lambda-is.md, 12 pairs)
     lambda_is: float = Field(2.0, ge=0)
     lambda_ip: float = Field(300.0, ge=0)  # weight of L_IP, inherent preservation (halved in the second half)
-    guidance_every: int = Field(1, ge=1)  # guide every k-th step only (the cheaper mode)
+    guidance_every: int = Field(1, ge=1)  # guide every k-th step only (the cheaper mode; L_IP weighs k·λ_ip there)
     guidance_until: Fraction = 1.0  # guide only while k < guidance_until·N: the late steps refine what is there
     # The decoder Φ and L_IP's pixel term see x̂0 through: "auto" (the family's tiny decoder when it ships one, else
     # its VAE), "full" (the VAE), "tiny", or a folder holding a diffusers AutoencoderTiny (TAESD family).
