@@ -96,6 +96,15 @@ def _edit(**mrgd):
     return Edit.from_dict(data)
 
 
+def _guide(pipe, edit, decode):
+    """The Guide a pipeline builds for an edit, outside a run: its plans, masks and weights can be read."""
+    from mrgd.guidance import Guide, Segmenter
+
+    plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
+    return Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer), pipe.latent_factor,
+                          decode)
+
+
 def test_mrgd_with_zero_lambdas_equals_p2p(tiny_guided_pipe):
     p2p = tiny_guided_pipe.edit(_edit(method="p2p"))
     # with §2's composite: MRGD's own rules (layout.PAPERS_RULES) are checked in test_pipeline
@@ -135,7 +144,6 @@ def _tiny_decoder(seed: int = 5):
 @pytest.mark.parametrize("decoder", ["vae", "tiny"])
 def test_a_guided_step_lowers_the_loss(tiny_components, decoder):
     from conftest import make_tiny_clipseg
-    from mrgd.guidance import Guide, Segmenter
     from mrgd.pipeline import SOURCE, TARGET, MRGDPipeline
 
     seg = make_tiny_clipseg(tiny_components["tokenizer"])
@@ -143,10 +151,7 @@ def test_a_guided_step_lowers_the_loss(tiny_components, decoder):
                         guidance_vae=_tiny_decoder() if decoder == "tiny" else None)
     name, decode = pipe.guidance_decoder("auto")
     assert name == decoder
-    edit = _edit(method="mrgd", lambda_rs=1.0, lambda_is=1.0, lambda_ip=1.0)
-    plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
-    guide = Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer), pipe.latent_factor,
-                           decode)
+    guide = _guide(pipe, _edit(method="mrgd", lambda_rs=1.0, lambda_is=1.0, lambda_ip=1.0), decode)
     torch.manual_seed(0)
     x0 = {SOURCE: torch.randn(1, 4, 8, 8), TARGET: torch.randn(1, 4, 8, 8).requires_grad_()}
     step = 10  # all three losses active
@@ -237,17 +242,13 @@ def test_limit_step_caps_the_x0_move_and_leaves_small_steps_alone():
 
 
 def test_rs_regions_edited_leaves_inherent_regions_out_of_l_rs(tiny_guided_pipe):
-    from mrgd.guidance import Guide, Segmenter
     from mrgd.pipeline import SOURCE, TARGET
 
     pipe = tiny_guided_pipe
     _, decode = pipe.guidance_decoder("full")
 
     def guide(**mrgd):
-        edit = _edit(method="mrgd", **mrgd)
-        plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
-        return Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer),
-                              pipe.latent_factor, decode)
+        return _guide(pipe, _edit(method="mrgd", **mrgd), decode)
 
     every, edited = guide(), guide(rs_regions="edited")
     assert every._rs_rows(TARGET) == [0, 1, 2]  # ball (inherent), kite (modified), toy (added)
@@ -261,16 +262,11 @@ def test_rs_regions_edited_leaves_inherent_regions_out_of_l_rs(tiny_guided_pipe)
 
 
 def test_removal_margin_grows_the_ip_hole_over_removed_boxes_only(tiny_guided_pipe):
-    from mrgd.guidance import Guide, Segmenter
-
     pipe = tiny_guided_pipe
     _, decode = pipe.guidance_decoder("full")
     holes = []
     for margin in (0.0, 0.5):
-        edit = _edit(method="mrgd", removal_margin=margin)
-        plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
-        holes.append(Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer),
-                                    pipe.latent_factor, decode).edited)
+        holes.append(_guide(pipe, _edit(method="mrgd", removal_margin=margin), decode).edited)
     (kite, toy, rock), (kite2, toy2, rock2) = holes
     assert (kite, toy) == (kite2, toy2) and rock2.h > rock.h and rock2.w > rock.w
 
@@ -319,16 +315,11 @@ def test_a_spiking_gradient_moves_x0_no_more_than_guidance_max_step(tiny_guided_
 
 
 def test_guiding_every_kth_step_weighs_l_ip_k_times_where_it_runs(tiny_guided_pipe):
-    from mrgd.guidance import Guide, Segmenter
-
     pipe = tiny_guided_pipe
     _, decode = pipe.guidance_decoder("full")
 
     def guide(**settings):
-        edit = _edit(method="mrgd", lambda_rs=3.0, lambda_is=2.0, lambda_ip=300.0, **settings)
-        plans = {i: pipe._plan_regions(edit, (edit.source(), edit.target())[i], i, edit.steps) for i in (0, 1)}
-        return Guide.for_edit(edit, plans, Segmenter(pipe.guidance_model, pipe.guidance_tokenizer),
-                              pipe.latent_factor, decode)
+        return _guide(pipe, _edit(method="mrgd", lambda_rs=3.0, lambda_is=2.0, lambda_ip=300.0, **settings), decode)
 
     every, second = guide(guidance_every=1), guide(guidance_every=2)
     for step in range(THREE_REGION_EDIT["steps"]):
