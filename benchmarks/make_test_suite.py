@@ -196,9 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="default: benchmarks/suites/shapes-test-90 or shapes-tune-60")
     parser.add_argument("--seed", type=int, help="with --tuning: another tuning suite of the same kind")
     parser.add_argument("--tasks", help="with --tuning: pairs per task, e.g. attribute=40 (default 20 each)")
+    parser.add_argument("--overlap-fraction", type=float,
+                        help="with --tuning: the share of overlapping pairs (default 0.6; 0: separate pairs only)")
     args = parser.parse_args(argv)
-    if (args.seed is not None or args.tasks) and not args.tuning:
-        parser.error("--seed and --tasks make further tuning suites: use them with --tuning (the test suite is fixed)")
+    if (args.seed is not None or args.tasks or args.overlap_fraction is not None) and not args.tuning:
+        parser.error("--seed, --tasks and --overlap-fraction make further tuning suites: use them with --tuning "
+                     "(the test suite is fixed)")
     settings = dict(TUNING_SETTINGS if args.tuning else SETTINGS)
     if args.seed is not None:
         if args.seed == SETTINGS["seed"]:
@@ -212,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         unknown = set(settings["tasks"]) - set(PREFIX)
         if unknown or min(settings["tasks"].values()) < 1:
             parser.error(f"--tasks {args.tasks!r}: tasks are {', '.join(PREFIX)}, each with a positive count")
+    if args.overlap_fraction is not None:
+        if not 0 <= args.overlap_fraction <= 1:
+            parser.error(f"--overlap-fraction {args.overlap_fraction}: give a share between 0 and 1")
+        settings["overlap_fraction"] = args.overlap_fraction
     default = "shapes-tune-60" if args.tuning else "shapes-test-90"
     args.out = args.out or Path("benchmarks/suites") / default
     entries = make_suite(args.out, settings)

@@ -103,3 +103,17 @@ def test_the_test_suite_and_its_tuning_twin_regenerate_and_never_share_unseen_fi
     # the tuning twin pads with the keyword benchmark's held-out words, never with the test suite's unseen ones
     assert any(word in text for word in (HELD_OUT_FILLERS if tuning else TEST_FILLERS))
     assert not any(word in text for word in (TEST_FILLERS if tuning else HELD_OUT_FILLERS))
+
+
+def test_the_separate_pairs_tuning_suite_regenerates_with_no_overlapping_pair(tmp_path):
+    from mrgd.metrics import overlaps_inherent
+
+    module = _test_suite_generator()
+    committed = ROOT / "benchmarks" / "suites" / "shapes-tune-sep-60"
+    module.main(["--tuning", "--seed", "52817", "--overlap-fraction", "0", "--out", str(tmp_path)])
+    for path in committed.glob("*.json"):
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+    pairs = json.loads((committed / "suite.json").read_text())["pairs"]
+    assert len(pairs) == 60 and not any(overlaps_inherent(Edit.load(committed / p["file"])) for p in pairs)
+    with pytest.raises(SystemExit):
+        module.main(["--tuning", "--overlap-fraction", "1.5", "--out", str(tmp_path / "bad")])
