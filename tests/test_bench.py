@@ -289,6 +289,28 @@ def test_summary_splits_each_task_into_overlapping_and_separate_pairs(tmp_path):
     assert "Suite role: **test**. No default is tuned on it." in md
 
 
+def test_paired_differences_are_taken_pair_by_pair_with_an_interval_that_holds_the_mean(tmp_path):
+    def record(pair, variant, overlap, clip, e=0.5, i=0.5):
+        return {"pair": pair, "variant": variant, "label": variant.upper(), "task": "add", "clip": clip, "ssim_e": e,
+                "ssim_i": i, "seconds": 1.0, "unet_calls": 10, "steps": 20, "notes": [], "overlap": overlap}
+
+    # pairs differ a lot from each other but the variant is 2 points above mrgd on every one of them
+    base = [10.0, 60.0, -20.0, 35.0]
+    records = [record(f"a{k}", "mrgd", k < 2, clip) for k, clip in enumerate(base)]
+    records += [record(f"a{k}", "fast", k < 2, clip + 2 + (k % 2) * 2, e=0.4) for k, clip in enumerate(base)]
+    records.append(record("a9", "fast", False, 99.0))  # no mrgd record of this pair: not compared
+    summary = bench.summarise(records)
+    assert summary["reference"] == "mrgd"
+    cell = summary["differences"]["fast"]["add"]["all"]
+    assert cell["n"] == 4 and cell["clip"]["mean"] == pytest.approx(3.0)
+    assert 2.0 <= cell["clip"]["low"] < 3.0 < cell["clip"]["high"] <= 4.0  # the pairs' spread (80) does not enter
+    assert cell["ssim_e"]["mean"] == pytest.approx(-0.1) and cell["ssim_e"]["low"] == pytest.approx(-0.1)
+    assert summary["differences"]["fast"]["add"]["overlap"]["clip"]["low"] is None  # 2 pairs: no interval
+    md = bench.write_markdown(summary, tmp_path / "r.md", records=records)
+    assert "| FAST | add | 4 | +3.00 [+2." in md and "| FAST | add, overlap | 2 | +3.00 |" in md
+    assert bench.summarise([r for r in records if r["variant"] == "fast"])["differences"] == {}
+
+
 def test_records_carry_the_overlap_class(tmp_path, tiny_pipe):
     regions = [{**GROUND, "prompt": "grass"}, {"id": "ball", "box": [0.1, 0.1, 0.4, 0.4], "prompt": "a red circle"},
                {"id": "toy", "box": [0.4, 0.4, 0.4, 0.4], "target_prompt": "a purple star"}]

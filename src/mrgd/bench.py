@@ -35,6 +35,7 @@ RECORDS = "records.jsonl"
 CONFIG = "bench.json"
 MAX_SHEET_ROWS = 25
 METRICS = ("clip", "ssim_e", "ssim_i")
+REFERENCE = "mrgd"  # the variant every other one is compared with, pair by pair (`paired_differences`)
 # Each task's pairs split by `metrics.overlaps_inherent`: an edited box intersects an inherent foreground box.
 CLASSES = ("overlap", "separate")
 
@@ -459,7 +460,57 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                        for task in tasks}
         cost[name] = {"n": len(mine), "seconds": _mean(r["seconds"] for r in mine),
                       "unet_calls": _mean(r["unet_calls"] for r in mine)}
-    return {"tasks": tasks, "variants": names, "labels": labels, "table": table, "split": split, "cost": cost}
+    reference = REFERENCE if REFERENCE in names else None
+    return {"tasks": tasks, "variants": names, "labels": labels, "table": table, "split": split, "cost": cost,
+            "reference": reference, "differences": paired_differences(records, reference) if reference else {}}
+
+
+def paired_differences(records: Sequence[dict[str, Any]], reference: str, *, confidence: float = 0.95,
+                       resamples: int = 2000) -> dict[str, Any]:
+    """Each variant minus ``reference`` on the same pairs: the mean per-pair difference of every metric, with a
+    percentile bootstrap interval over pairs (scipy; seeded, so the tables are reproducible).
+
+    One pair's CLIP-in-box can move by tens of points between settings, so a gap between two means of 8-20 pairs
+    says little by itself; the interval says whether it is more than that noise. Returns ``{variant: {task: {"all" |
+    "overlap" | "separate": {"n", metric: {"mean", "low", "high"} | None}}}}``; classes without pairs are left out,
+    and intervals need at least 3 pairs (low and high are then None).
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    ref = {r["pair"]: r for r in records if r["variant"] == reference}
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(r["variant"] for r in records):
+        if name == reference:
+            continue
+        mine = [(r, ref[r["pair"]]) for r in records if r["variant"] == name and r["pair"] in ref]
+        out[name] = {}
+        for task in _task_order(r["task"] for r, _ in mine):
+            classes: dict[str, Any] = {}
+            for cls in ("all", *CLASSES):
+                pairs = [(r, b) for r, b in mine if r["task"] == task
+                         and (cls == "all" or r.get("overlap") == (cls == "overlap"))]
+                if not pairs or (cls != "all" and len(pairs) == classes["all"]["n"]):
+                    continue  # no pairs, or the same pairs as the whole task
+                cell: dict[str, Any] = {"n": len(pairs)}
+                for metric in METRICS:
+                    diffs = np.array([r[metric] - b[metric] for r, b in pairs
+                                      if r[metric] is not None and b[metric] is not None], float)
+                    diffs = diffs[np.isfinite(diffs)]
+                    if not len(diffs):
+                        cell[metric] = None
+                        continue
+                    low = high = None
+                    if len(diffs) >= 3 and np.ptp(diffs) > 0:
+                        ci = bootstrap((diffs,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                                       method="percentile", rng=np.random.default_rng(0)).confidence_interval
+                        low, high = float(ci.low), float(ci.high)
+                    elif len(diffs) >= 3:
+                        low = high = float(diffs[0])
+                    cell[metric] = {"mean": float(diffs.mean()), "low": low, "high": high}
+                classes[cls] = cell
+            out[name][task] = classes
+    return out
 
 
 def _cell(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -512,6 +563,7 @@ def write_markdown(summary: dict[str, Any], path: str | Path, *, config: dict[st
                 cells = [f"{_fmt(c['clip'], 2)} / {_fmt(c['ssim_e'], 4)} / {_fmt(c['ssim_i'], 4)}"
                          for c in (split[v][task][cls] for v in names)]
                 lines.append(f"| {task}, {cls} | {n} | " + " | ".join(cells) + " |")
+    lines += _difference_lines(summary)
     if records and all(r["clip"] is None for r in records):
         lines += ["", "CLIP: n/a, no scorer (the model folder has no clip/; pass --scorer, e.g. "
                       "openai/clip-vit-base-patch16 as in the paper)."]
@@ -531,6 +583,30 @@ def write_markdown(summary: dict[str, Any], path: str | Path, *, config: dict[st
     text = "\n".join(lines) + "\n"
     _write_text(Path(path), text)
     return text
+
+
+def _difference_lines(summary: dict[str, Any]) -> list[str]:
+    differences, reference = summary.get("differences"), summary.get("reference")
+    if not differences:
+        return []
+    labels = summary["labels"]
+
+    def show(value: dict[str, Any] | None, decimals: int) -> str:
+        if value is None:
+            return "n/a"
+        text = f"{value['mean']:+.{decimals}f}"
+        return text if value["low"] is None else text + f" [{value['low']:+.{decimals}f}, {value['high']:+.{decimals}f}]"
+
+    lines = ["", f"Each variant minus {labels[reference]}, pair by pair: mean difference [95% bootstrap interval over "
+                 "pairs] (`mrgd.bench.paired_differences`). An interval that holds 0 is within the pairs' noise.", "",
+             "| variant | task | pairs | CLIP | SSIM-e | SSIM-i |", "|---|---|---|---|---|---|"]
+    for name, tasks in differences.items():
+        for task, classes in tasks.items():
+            for cls, cell in classes.items():
+                where = task if cls == "all" else f"{task}, {cls}"
+                lines.append(f"| {labels[name]} | {where} | {cell['n']} | {show(cell['clip'], 2)} | "
+                             f"{show(cell['ssim_e'], 4)} | {show(cell['ssim_i'], 4)} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
