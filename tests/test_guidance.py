@@ -326,3 +326,25 @@ def test_guiding_every_kth_step_weighs_l_ip_k_times_where_it_runs(tiny_guided_pi
         one, two = every.weights(step), second.weights(step)
         assert (two.rs, two.is_, two.ip) == (one.rs, one.is_, 2 * one.ip)
     assert any(every.weights(step).ip > 0 for step in range(THREE_REGION_EDIT["steps"]))
+
+
+def test_ip_reach_inherent_keeps_l_ip_from_moving_the_edited_latents(tiny_guided_pipe):
+    from mrgd.pipeline import SOURCE, TARGET
+
+    pipe = tiny_guided_pipe
+    _, decode = pipe.guidance_decoder("full")
+    torch.manual_seed(0)
+    x0 = {SOURCE: torch.randn(1, 4, 8, 8), TARGET: torch.randn(1, 4, 8, 8)}
+    grads = {}
+    for reach in ("image", "inherent"):
+        guide = _guide(pipe, _edit(method="mrgd", lambda_rs=0.0, lambda_is=0.0, lambda_ip=1.0, ip_reach=reach), decode)
+        target = x0[TARGET].clone().requires_grad_()
+        loss, _ = guide.loss(decode, {SOURCE: x0[SOURCE], TARGET: target}, 10)
+        (grads[reach],) = guide._gradients(loss, [target])
+    mask = inherent_mask(guide.edited, guide.hw)
+    hole = mask == 0
+    assert hole.any() and (mask == 1).any()
+    # through the decoder the pixel term reaches into the edited boxes; confined, it does not, and is unchanged outside
+    assert grads["image"][..., hole].abs().max() > 0
+    assert grads["inherent"][..., hole].abs().max() == 0
+    assert torch.allclose(grads["inherent"], mask * grads["image"], atol=1e-7)

@@ -214,6 +214,7 @@ class Guide:
     rs_keys: frozenset[str] | None = None  # regions L_RS pulls (Settings.rs_regions "edited"); None: every one
     selected: dict[tuple[int, str], list[str]] | None = None  # keyword selection fills this in
     last_maps: dict[int, torch.Tensor] | None = None
+    terms: tuple[torch.Tensor, torch.Tensor] | None = None  # the last loss's (λ_rs·L_RS + λ_is·L_IS, λ_ip·L_IP)
 
     @classmethod
     def for_edit(cls, edit, plans, segmenter: Segmenter, factor: int, decode: Callable[[torch.Tensor], torch.Tensor]) -> Guide:
@@ -307,10 +308,26 @@ class Guide:
                                             latent_mask)
         else:
             ip = inherent_preservation_loss(None, None, x0[SOURCE], x0[TARGET], None, latent_mask)
-        total = w.rs * rs + w.is_ * is_ + w.ip * ip
+        self.terms = (w.rs * rs + w.is_ * is_, w.ip * ip)  # `_gradients` may confine the second's gradient
+        total = self.terms[0] + self.terms[1]
         # detached tensors, not floats: reading a value back would wait for the GPU at every step (see `finish`)
         return total, {name: torch.as_tensor(value).detach() for name, value in
                        (("rs", rs), ("is", is_), ("ip", ip), ("total", total))}
+
+    def _gradients(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∇L for the guided x̂0's. With `ip_reach` "inherent" (ours), L_IP's share reaches only the latents outside
+        the edited boxes (weighted by ℳ): through the decoder its pixel term otherwise also moved the edited box's
+        latents, so that the pixels around the box match the source, which drew the new object back toward the old
+        picture. It costs a second backward pass through the decoder."""
+        terms, self.terms = self.terms, None  # the graph is not kept past its step
+        if self.settings.ip_reach == "image" or terms is None or not terms[1].requires_grad:
+            return list(torch.autograd.grad(loss, inputs))
+        steer, keep = terms
+        mask = inherent_mask(self.edited, self.hw).to(inputs[0])
+        from_keep = torch.autograd.grad(keep, inputs, retain_graph=steer.requires_grad)
+        from_steer = (torch.autograd.grad(steer, inputs, allow_unused=True) if steer.requires_grad
+                      else [None] * len(inputs))
+        return [mask * g_keep + (0 if g is None else g) for g_keep, g in zip(from_keep, from_steer)]
 
     def step(self, pipe, step: int, latents_t, fused, alpha, alpha_prev, info) -> dict:
         """Re-step DDIM from the guided x̂0 of the target (and of the source for a removal)."""
@@ -320,7 +337,7 @@ class Guide:
         x0 = {i: fused[i][1].detach().float().requires_grad_(i in guided) for i in (SOURCE, TARGET)}
         with torch.enable_grad():
             loss, parts = self.loss(self.decode, x0, step, alpha)
-            grads = torch.autograd.grad(loss, [x0[i] for i in guided])
+            grads = self._gradients(loss, [x0[i] for i in guided])
         # A non-finite gradient leaves the step unguided (g = 0 re-steps to the fused latent), decided on the device
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
         info.setdefault("guidance_losses", []).append({"step": step, **parts, "finite": finite})

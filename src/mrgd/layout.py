@@ -163,6 +163,9 @@ class Settings(_Model):
     # (add / remove / attribute) at CLIP within 1.4 points (benchmarks/results/overlap-tuning.md).
     ip_step: Literal["epsilon", "x0"] = "x0"
     ip_pixels: bool = True  # L_IP's pixel term (Eq. 4); false: its latent term alone
+    # Which latents L_IP's gradient may move (ours; §6: "image", all of them): "inherent" weighs it by ℳ, so the
+    # pixel term no longer reaches into the edited boxes through the decoder (guidance.Guide._gradients).
+    ip_reach: Literal["image", "inherent"] = "image"
     # The most a guided re-step may move x̂0, as an RMS over the latent (ours; §6 has no limit): the gradient is
     # scaled down to it (guidance.limit_step). None: no limit. Φ's backward spikes now and then: at one step the
     # gradient reaching the decoded image grows ~100x while the one reaching Φ's maps stays as before, and the re-step
