@@ -329,3 +329,24 @@ def test_image_paths_of_a_variant_named_after_a_folder_stay_in_images():
     for path in (source, target):
         assert path.startswith("images/add-00__") and path.count("/") == 1
     assert image_paths("add-00", "mrgd")[0] == "images/add-00__mrgd__source.png"  # plain names unchanged
+
+
+def test_pooled_differences_count_each_suites_pairs_once(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pool", Path(__file__).parents[1] / "benchmarks" / "pool_differences.py")
+    pool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool)
+
+    def record(pair, variant, clip):
+        return {"pair": pair, "variant": variant, "task": "add", "clip": clip, "ssim_e": 0.5, "ssim_i": 0.5,
+                "overlap": False}
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder, lift in zip(folders, (1.0, 3.0)):  # the same pair names in both suites
+        folder.mkdir()
+        for k in range(3):
+            bench.append_record(folder / bench.RECORDS, record(f"add-{k}", "ref", 10.0 * k))
+            bench.append_record(folder / bench.RECORDS, record(f"add-{k}", "new", 10.0 * k + lift))
+    table = pool.pooled_table(folders, "ref", ["new"])
+    assert "| new | add | 6 | +2.00 [+1." in table

@@ -116,11 +116,11 @@ def test_mrgd_with_zero_lambdas_equals_p2p(tiny_guided_pipe):
 
 def test_guidance_changes_the_target_and_logs_losses(tiny_guided_pipe):
     p2p = tiny_guided_pipe.edit(_edit(method="p2p"))
-    guided = tiny_guided_pipe.edit(_edit(method="mrgd", kssa=False, keywords=0))
+    guided = tiny_guided_pipe.edit(_edit(method="mrgd", kssa=False, keywords=0, guidance_every=1))
     assert len(guided.info["guidance_losses"]) == THREE_REGION_EDIT["steps"]
     assert np.abs(np.asarray(p2p.target, int) - np.asarray(guided.target, int)).max() > 0
-    every = tiny_guided_pipe.edit(_edit(method="mrgd", kssa=False, keywords=0, guidance_every=2))
-    assert len(every.info["guidance_losses"]) == 3
+    every = tiny_guided_pipe.edit(_edit(method="mrgd", kssa=False, keywords=0))  # the default: every 2nd step
+    assert [e["step"] for e in every.info["guidance_losses"]] == list(range(0, THREE_REGION_EDIT["steps"], 2))
 
 
 def test_a_removal_guides_the_source_only_when_asked(tiny_guided_pipe):

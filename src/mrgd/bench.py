@@ -590,6 +590,15 @@ def _difference_lines(summary: dict[str, Any]) -> list[str]:
     if not differences:
         return []
     labels = summary["labels"]
+    return ["", f"Each variant minus {labels[reference]}, pair by pair: mean difference [95% bootstrap interval over "
+                "pairs] (`mrgd.bench.paired_differences`). An interval that holds 0 is within the pairs' noise.", "",
+            *difference_table(differences, labels)]
+
+
+def difference_table(differences: dict[str, Any], labels: dict[str, str] | None = None) -> list[str]:
+    """Markdown rows of `paired_differences`: variant, task (and overlap class), pairs, then each metric's mean
+    difference [interval]."""
+    labels = labels or {}
 
     def show(value: dict[str, Any] | None, decimals: int) -> str:
         if value is None:
@@ -597,14 +606,12 @@ def _difference_lines(summary: dict[str, Any]) -> list[str]:
         text = f"{value['mean']:+.{decimals}f}"
         return text if value["low"] is None else text + f" [{value['low']:+.{decimals}f}, {value['high']:+.{decimals}f}]"
 
-    lines = ["", f"Each variant minus {labels[reference]}, pair by pair: mean difference [95% bootstrap interval over "
-                 "pairs] (`mrgd.bench.paired_differences`). An interval that holds 0 is within the pairs' noise.", "",
-             "| variant | task | pairs | CLIP | SSIM-e | SSIM-i |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | task | pairs | CLIP | SSIM-e | SSIM-i |", "|---|---|---|---|---|---|"]
     for name, tasks in differences.items():
         for task, classes in tasks.items():
             for cls, cell in classes.items():
                 where = task if cls == "all" else f"{task}, {cls}"
-                lines.append(f"| {labels[name]} | {where} | {cell['n']} | {show(cell['clip'], 2)} | "
+                lines.append(f"| {labels.get(name, name)} | {where} | {cell['n']} | {show(cell['clip'], 2)} | "
                              f"{show(cell['ssim_e'], 4)} | {show(cell['ssim_i'], 4)} |")
     return lines
 

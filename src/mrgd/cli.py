@@ -279,7 +279,7 @@ def edit(
     lambda_rs: Annotated[Optional[float], typer.Option("--lambda-rs")] = None,
     lambda_is: Annotated[Optional[float], typer.Option("--lambda-is")] = None,
     lambda_ip: Annotated[Optional[float], typer.Option("--lambda-ip")] = None,
-    guidance_every: Annotated[Optional[int], typer.Option("--guidance-every", help="guide every K-th step (cheaper; L_IP weighs K·λ_ip there)")] = None,
+    guidance_every: Annotated[Optional[int], typer.Option("--guidance-every", help="guide every K-th step (default 2; 1: every step, as §6; L_IP weighs K·λ_ip there)")] = None,
     guidance_until: Annotated[Optional[float], typer.Option(
         "--guidance-until", help="guide only the first fraction of the steps, e.g. 0.5")] = None,
     guidance_vae: Annotated[Optional[str], typer.Option(
