@@ -483,7 +483,9 @@ def paired_differences(records: Sequence[dict[str, Any]], reference: str, *, con
     for name in dict.fromkeys(r["variant"] for r in records):
         if name == reference:
             continue
-        mine = [(r, ref[r["pair"]]) for r in records if r["variant"] == name and r["pair"] in ref]
+        # in pair order, so that the seeded resampling does not depend on the order the records were written in
+        mine = sorted(((r, ref[r["pair"]]) for r in records if r["variant"] == name and r["pair"] in ref),
+                      key=lambda rb: rb[0]["pair"])
         out[name] = {}
         for task in _task_order(r["task"] for r, _ in mine):
             classes: dict[str, Any] = {}
