@@ -348,3 +348,24 @@ def test_ip_reach_inherent_keeps_l_ip_from_moving_the_edited_latents(tiny_guided
     assert grads["image"][..., hole].abs().max() > 0
     assert grads["inherent"][..., hole].abs().max() == 0
     assert torch.allclose(grads["inherent"], mask * grads["image"], atol=1e-7)
+
+
+def test_checkpointed_guidance_decode_gives_the_same_pixels_and_leaves_the_vae_as_it_was(tiny_guided_pipe, monkeypatch):
+    pipe = tiny_guided_pipe
+    calls = []
+    enable = type(pipe.vae).enable_gradient_checkpointing
+    monkeypatch.setattr(type(pipe.vae), "enable_gradient_checkpointing", lambda self: calls.append(1) or enable(self))
+    kept = pipe.edit(_edit(method="mrgd", guidance_checkpoint=False))
+    assert not calls
+    checkpointed = pipe.edit(_edit(method="mrgd", guidance_checkpoint=True))
+    assert calls and not pipe.vae.is_gradient_checkpointing
+    assert np.array_equal(np.asarray(kept.target), np.asarray(checkpointed.target))
+    auto = pipe.edit(_edit(method="mrgd"))  # a 64² canvas: below CHECKPOINT_FROM_PIXELS, nothing recomputed
+    assert len(calls) == len(checkpointed.info["guidance_losses"]) and np.array_equal(np.asarray(auto.target),
+                                                                                    np.asarray(kept.target))
+    # a failing decode still switches it off again
+    monkeypatch.setattr(pipe, "decode_tensor", lambda z: (_ for _ in ()).throw(RuntimeError("boom")))
+    _, decode = pipe.guidance_decoder("full", checkpoint=True)
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="boom"):
+        decode(torch.zeros(1, 4, 8, 8, requires_grad=True))
+    assert not pipe.vae.is_gradient_checkpointing

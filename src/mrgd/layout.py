@@ -158,6 +158,10 @@ class Settings(_Model):
     # The decoder Φ and L_IP's pixel term see x̂0 through: "auto" (the family's tiny decoder when it ships one, else
     # its VAE), "full" (the VAE), "tiny", or a folder holding a diffusers AutoencoderTiny (TAESD family).
     guidance_vae: str = Field("full", min_length=1)
+    # Guidance's VAE decode recomputes its blocks in the backward pass instead of keeping them (ours): SD 1.5 at 512²
+    # peaked at 1.63x the plain pair's memory with them kept (benchmarks/results/speed.md); it costs ~3 % of an edit's
+    # time there and ~7 % on the embedded model at 128², where memory is no concern. None: from 512² pixels up.
+    guidance_checkpoint: bool | None = None
     guidance_size: int | None = Field(None, ge=16, le=1024)  # Φ's input side in pixels; None: its processor's
     # How L_IP's gradient moves x̂0 (ours: "x0"). §6's re-step ("epsilon") scales every gradient by (1 − ᾱ_t)/√ᾱ_t
     # on its way into x̂0: from 5.0 at k = 3 of 20 (L_IP's latent term then pulls the target's x̂0 three times past
