@@ -303,7 +303,9 @@ def test_paired_differences_are_taken_pair_by_pair_with_an_interval_that_holds_t
     assert summary["reference"] == "mrgd"
     cell = summary["differences"]["fast"]["add"]["all"]
     assert cell["n"] == 4 and cell["clip"]["mean"] == pytest.approx(3.0)
-    assert 1.5 <= cell["clip"]["low"] < 3.0 < cell["clip"]["high"] <= 4.5  # the pairs' spread (80) does not enter
+    # deliberate: an interval over each variant's own CLIPs (spread 80) instead of the paired differences would reach
+    # far past 1.5-4.5, and a degenerate one would not hold the mean strictly inside
+    assert 1.5 <= cell["clip"]["low"] < 3.0 < cell["clip"]["high"] <= 4.5
     assert cell["ssim_e"]["mean"] == pytest.approx(-0.1) and cell["ssim_e"]["low"] == pytest.approx(-0.1)
     assert summary["differences"]["fast"]["add"]["overlap"]["clip"]["low"] is None  # 2 pairs: no interval
     md = bench.write_markdown(summary, tmp_path / "r.md", records=records)

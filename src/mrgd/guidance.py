@@ -9,7 +9,8 @@ and that nothing outside the edited boxes changes (L_IP). Their gradient with re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +215,7 @@ class Guide:
     rs_keys: frozenset[str] | None = None  # regions L_RS pulls (Settings.rs_regions "edited"); None: every one
     selected: dict[tuple[int, str], list[str]] | None = None  # keyword selection fills this in
     last_maps: dict[int, torch.Tensor] | None = None
+    _pixel_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     terms: tuple[torch.Tensor, torch.Tensor] | None = None  # the last loss's (λ_rs·L_RS + λ_is·L_IS, λ_ip·L_IP)
 
     @classmethod
@@ -237,6 +239,17 @@ class Guide:
                    {r.id: list(r.keywords) for r in edit.regions}, common, edited,
                    edit.mrgd.guide_source_on_removal and any(r.role == "removed" for r in edit.regions), decode,
                    rs_keys)
+
+    @cached_property
+    def latent_mask(self) -> torch.Tensor:
+        """ℳ at the latent's size (the edit's boxes do not change during a run)."""
+        return inherent_mask(self.edited, self.hw)
+
+    def pixel_mask(self, hw: tuple[int, int]) -> torch.Tensor:
+        """ℳ at the decoded picture's size, for L_IP's pixel term (made once per size)."""
+        if hw not in self._pixel_masks:
+            self._pixel_masks[hw] = inherent_mask(scale_boxes(self.edited, self.factor), hw)
+        return self._pixel_masks[hw]
 
     def weights(self, step: int) -> LossWeights:
         """λ's of a step. With `guidance_every` k, L_IP weighs k·λ_ip on the steps it runs (ours): it holds inherent
@@ -300,10 +313,9 @@ class Guide:
             is_ = infonce_loss(maps[SOURCE][pick[SOURCE]], maps[TARGET][pick[TARGET]])
         else:
             is_ = x0[TARGET].new_zeros(())
-        latent_mask = inherent_mask(self.edited, self.hw).to(x0[TARGET])
+        latent_mask = self.latent_mask.to(x0[TARGET])
         if self.settings.ip_pixels:
-            pixel_hw = images[TARGET].shape[-2:]
-            pixel_mask = inherent_mask(scale_boxes(self.edited, self.factor), tuple(pixel_hw)).to(x0[TARGET])
+            pixel_mask = self.pixel_mask(tuple(images[TARGET].shape[-2:])).to(x0[TARGET])
             ip = inherent_preservation_loss(images[SOURCE], images[TARGET], x0[SOURCE], x0[TARGET], pixel_mask,
                                             latent_mask)
         else:
@@ -323,7 +335,7 @@ class Guide:
         if self.settings.ip_reach == "image" or terms is None or not terms[1].requires_grad:
             return list(torch.autograd.grad(loss, inputs))
         steer, keep = terms
-        mask = inherent_mask(self.edited, self.hw).to(inputs[0])
+        mask = self.latent_mask.to(inputs[0])
         from_keep = torch.autograd.grad(keep, inputs, retain_graph=steer.requires_grad)
         from_steer = (torch.autograd.grad(steer, inputs, allow_unused=True) if steer.requires_grad
                       else [None] * len(inputs))
