@@ -9,7 +9,7 @@ import torch
 from conftest import THREE_REGION_EDIT
 from mrgd.ddim import ddim_restep, ddim_step
 from mrgd.fusion import LatentBox
-from mrgd.guidance import (box_mask, infonce_loss, inherent_mask, inherent_preservation_loss, loss_weights,
+from mrgd.guidance import (Guide, box_mask, infonce_loss, inherent_mask, inherent_preservation_loss, loss_weights,
                            query_text, region_specific_loss)
 from mrgd.layout import PAPERS_RULES, Edit
 
@@ -355,17 +355,22 @@ def test_checkpointed_guidance_decode_gives_the_same_pixels_and_leaves_the_vae_a
     calls = []
     enable = type(pipe.vae).enable_gradient_checkpointing
     monkeypatch.setattr(type(pipe.vae), "enable_gradient_checkpointing", lambda self: calls.append(1) or enable(self))
+    during_backward = []
+    gradients = Guide._gradients
+    monkeypatch.setattr(Guide, "_gradients",
+                        lambda self, *a: during_backward.append(pipe.vae.is_gradient_checkpointing) or gradients(self, *a))
     kept = pipe.edit(_edit(method="mrgd", guidance_checkpoint=False))
-    assert not calls
+    assert not calls and not any(during_backward) and not kept.info["guidance_checkpoint"]
     checkpointed = pipe.edit(_edit(method="mrgd", guidance_checkpoint=True))
-    assert calls and not pipe.vae.is_gradient_checkpointing
+    assert calls and not pipe.vae.is_gradient_checkpointing and checkpointed.info["guidance_checkpoint"]
+    # still on in the backward pass: a block must recompute as it ran forward (nested checkpoints and all)
+    assert during_backward[-1] is True
     assert np.array_equal(np.asarray(kept.target), np.asarray(checkpointed.target))
     auto = pipe.edit(_edit(method="mrgd"))  # a 64² canvas: below CHECKPOINT_FROM_PIXELS, nothing recomputed
     assert len(calls) == len(checkpointed.info["guidance_losses"]) and np.array_equal(np.asarray(auto.target),
                                                                                     np.asarray(kept.target))
-    # a failing decode still switches it off again
+    # a failing guided step still switches it off again
     monkeypatch.setattr(pipe, "decode_tensor", lambda z: (_ for _ in ()).throw(RuntimeError("boom")))
-    _, decode = pipe.guidance_decoder("full", checkpoint=True)
-    with torch.enable_grad(), pytest.raises(RuntimeError, match="boom"):
-        decode(torch.zeros(1, 4, 8, 8, requires_grad=True))
+    with pytest.raises(RuntimeError, match="boom"):
+        pipe.edit(_edit(method="mrgd", guidance_checkpoint=True))
     assert not pipe.vae.is_gradient_checkpointing

@@ -318,3 +318,18 @@ def test_total_within_objects_keeps_r_total_to_each_images_foreground_boxes(tiny
     assert not torch.equal(canvas.latents["source"], objects.latents["source"])  # both images: no stray objects
     papers, p2p = (tiny_pipe.edit(_edit(method="p2p", **m)) for m in ({}, {"total_within": "objects"}))
     assert torch.equal(papers.latents["target"], p2p.latents["target"])  # P2P* keeps §2's r_total
+
+
+def test_compiled_unet_blocks_give_the_same_pictures_and_leave_the_processors_eager(tokenizer_dir):
+    from conftest import make_tiny_components
+    from mrgd.pipeline import MRGDPipeline
+
+    pipe = MRGDPipeline(**make_tiny_components(tokenizer_dir), name="tiny")  # its own UNet: compiling is in place
+    eager = pipe.edit(_edit())
+    processors = dict(pipe.unet.attn_processors)
+    assert pipe.compile() > 0 and pipe.compiled == "default"
+    compiled = pipe.edit(_edit())
+    assert compiled.info["compiled"] == "default" and eager.info["compiled"] is None
+    for image in ("source", "target"):
+        assert torch.allclose(compiled.latents[image], eager.latents[image], atol=1e-4)
+    assert dict(pipe.unet.attn_processors) == processors  # the run's hooks went in and came out as before

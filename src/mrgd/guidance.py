@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
@@ -121,12 +121,34 @@ def loss_weights(step: int, steps: int, lambda_rs: float, lambda_is: float, lamb
 
 # ---------------------------------------------------------------- the guidance model
 
+@cache
+def _resize_matrix(n_in: int, n_out: int, antialias: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[n_in, n_out]: bilinear resampling of one axis as a matrix (`F.interpolate` of the identity)."""
+    eye = torch.eye(n_in, dtype=torch.float64)[None, None]
+    matrix = F.interpolate(eye, size=(n_in, n_out), mode="bilinear", align_corners=False, antialias=antialias)[0, 0]
+    return matrix.to(device, dtype)
+
+
+def resize(x: torch.Tensor, hw: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """Bilinear resize of [..., H, W] as two matrix products: what `F.interpolate` computes (its kernel is
+    separable), but differentiable with deterministic kernels on CUDA too, where interpolate's backward has none
+    (`--deterministic` would refuse guidance)."""
+    rows = _resize_matrix(x.shape[-2], hw[0], antialias, x.device, x.dtype)
+    cols = _resize_matrix(x.shape[-1], hw[1], antialias, x.device, x.dtype)
+    return rows.transpose(0, 1) @ x @ cols
+
+
+_CLIP_NORMS: dict = {}  # (device, dtype) -> (mean, std), made once: a host-to-device copy per query waits on the GPU
+
+
 def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     """[-1, 1] images -> CLIP-normalised pixels at Φ's input size (differentiable)."""
-    x = (images + 1) / 2
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = resize((images + 1) / 2, (size, size), antialias=True)
+    key = (x.device, x.dtype)
+    if key not in _CLIP_NORMS:
+        _CLIP_NORMS[key] = tuple(torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                                 for v in (CLIP_MEAN, CLIP_STD))
+    mean, std = _CLIP_NORMS[key]
     return (x - mean) / std
 
 
@@ -182,7 +204,7 @@ class Segmenter:
         pixels = clip_pixels(image, self.size).to(self.model.dtype)
         logits = clipseg_logits(self.model, pixels, conditional=self._conditionals[key])
         logits = logits.reshape(len(texts), 1, *logits.shape[-2:]).float()
-        return F.interpolate(logits.sigmoid(), size=hw, mode="bilinear", align_corners=False)[:, 0]
+        return resize(logits.sigmoid(), hw)[:, 0]
 
 
 # ---------------------------------------------------------------- guidance of one edit
@@ -216,6 +238,7 @@ class Guide:
     selected: dict[tuple[int, str], list[str]] | None = None  # keyword selection fills this in
     last_maps: dict[int, torch.Tensor] | None = None
     _pixel_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _boxes: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     terms: tuple[torch.Tensor, torch.Tensor] | None = None  # the last loss's (λ_rs·L_RS + λ_is·L_IS, λ_ip·L_IP)
 
     @classmethod
@@ -273,9 +296,11 @@ class Guide:
         """Rows of an image's maps that L_RS pulls: every foreground region, or only edited ones (rs_regions)."""
         return [n for n, (key, _) in enumerate(self.regions[image]) if self.rs_keys is None or key in self.rs_keys]
 
-    def _box_masks(self, image: int) -> torch.Tensor:
-        masks = [box_mask(box, self.hw) for _, box in self.regions[image]]
-        return torch.stack(masks) if masks else torch.zeros((0, *self.hw))
+    def _box_masks(self, image: int, like: torch.Tensor) -> torch.Tensor:
+        if image not in self._boxes:  # made once per edit, where Φ's maps are: a copy per step waits on CUDA
+            masks = [box_mask(box, self.hw) for _, box in self.regions[image]]
+            self._boxes[image] = (torch.stack(masks) if masks else torch.zeros((0, *self.hw))).to(like)
+        return self._boxes[image]
 
     def guided(self) -> list[int]:
         """The images whose x̂0 guidance moves: the target, and the source too for a guided removal."""
@@ -304,8 +329,8 @@ class Guide:
                 images[i] = decode(x0[i])
                 if i in seen:
                     maps[i] = self.segmenter(images[i], self.texts(i), self.hw)
-        self.last_maps = {**(self.last_maps or {}), **{i: m.detach().cpu() for i, m in maps.items()}}
-        rs = sum(region_specific_loss(maps[i][keep], self._box_masks(i).to(maps[i])[keep])
+        self.last_maps = {**(self.last_maps or {}), **{i: m.detach() for i, m in maps.items()}}  # to the host after the run
+        rs = sum(region_specific_loss(maps[i][keep], self._box_masks(i, maps[i])[keep])
                  for i in seen for keep in [self._rs_rows(i)])
         if len(seen) == 2:
             index = {i: [key for key, _ in self.regions[i]] for i in (SOURCE, TARGET)}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,7 @@ class MRGDPipeline:
                 _place(module, self.device, torch.float32)
         self.guidance_size: int | None = None  # Φ's input size, when its processor says (352 for CLIPSeg rd64)
         self.load_notes: list[str] = []  # what loading detected and decided (single files), for info.json
+        self.compiled: str | None = None  # torch.compile mode of the UNet's blocks, once `compile()` ran
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -158,6 +160,23 @@ class MRGDPipeline:
         # Each UNet level halves the crop; sizes must divide evenly to come back up to the same size.
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    def compile(self, mode: str | None = None) -> int:
+        """torch.compile the UNet's ResNet, feed-forward and resampling blocks in place; returns how many.
+
+        Not the whole UNet: its attention processors hold the run's per-row state (which rows follow which, KSSA,
+        maps to record), which changes between calls and would recompile the graph each time until torch gives
+        up. The blocks compiled here are pure tensor code, with dynamic shapes, since region crops differ in
+        size. The first edits after this pay the compilation; numbers change within float rounding.
+        """
+        from diffusers.models.attention import FeedForward
+        from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+        blocks = [m for m in self.unet.modules() if isinstance(m, (ResnetBlock2D, FeedForward, Downsample2D, Upsample2D))]
+        for block in blocks:
+            block.compile(mode=mode, dynamic=True)
+        self.compiled = mode or "default"
+        return len(blocks)
+
     # ------------------------------------------------------------------ public API
     def generate(self, layout: Layout, callback: Callable[[dict], None] | None = None) -> GenerateResult:
         """Generate one image from a layout (MultiDiffusion over its regions, method.md §2)."""
@@ -173,7 +192,7 @@ class MRGDPipeline:
         A real photo (`mrgd.inversion`) comes in as `start_latents` plus either `null_embeds` (null-text or
         negative-prompt inversion) or `source_pivots` (direct inversion: the source follows the pivots exactly).
         """
-        timer = _Timer()
+        timer = _Timer(self.device)
         settings = edit.mrgd
         steps = edit.steps
         layouts = {SOURCE: edit.source(), TARGET: edit.target()}
@@ -181,6 +200,9 @@ class MRGDPipeline:
 
         # 1. Regions of each image, with their control kinds (method.md §1, §3).
         plans = {i: self._plan_regions(edit, layouts[i], i, steps) for i in images}
+        # masks and weights on the run's device once, not copied from the host at every step (each copy waits on CUDA)
+        plans = {i: [dataclasses.replace(p, mask=_to(p.mask, self.device), weight=_to(p.weight, self.device))
+                     for p in plans[i]] for i in images}
         state = AttentionState(low_levels=self_replace_levels(self.unet))
         info: dict[str, Any] = {"unet_calls": 0, "unet_batch_sizes": [], "notes": []}
 
@@ -222,7 +244,7 @@ class MRGDPipeline:
                 if tracker is not None and tracker.after_step(k):
                     self._use_keywords(tracker, guide, state, settings, info)
                 if guide is not None and guide.active(k):
-                    with timer("guidance"):
+                    with timer("guidance"), self._vae_checkpointing(info["guidance_checkpoint"]):
                         fused = guide.step(self, k, latents, fused, alpha, alpha_prev, info)
                 latents = {i: fused[i][0] for i in images}
                 if source_pivots is not None:
@@ -245,7 +267,7 @@ class MRGDPipeline:
             explain["keyword_hw"] = tracker.hw
         if guide is not None and guide.last_maps is not None:
             explain["masks"] = {("source", "target")[i]: list(zip([k for k, _ in guide.regions[i]], guide.texts(i),
-                                                                   guide.last_maps[i])) for i in guide.last_maps}
+                                                                   guide.last_maps[i].cpu())) for i in guide.last_maps}
         return EditResult(pictures[SOURCE] if SOURCE in pictures else None, pictures.get(TARGET), info,
                           {("source", "target")[i]: latents[i].cpu() for i in images}, explain)
 
@@ -366,21 +388,19 @@ class MRGDPipeline:
         native = self.guidance_size or self.guidance_model.config.vision_config.image_size
         segmenter = Segmenter(self.guidance_model, self.guidance_tokenizer,
                               settings.guidance_size or min(native, max(edit.size)))
+        name, decode = self.guidance_decoder(settings.guidance_vae)
+        info["guidance_decoder"] = name
         checkpoint = settings.guidance_checkpoint
         if checkpoint is None:
             checkpoint = edit.size[0] * edit.size[1] >= CHECKPOINT_FROM_PIXELS
-        name, decode = self.guidance_decoder(settings.guidance_vae, checkpoint)
-        info["guidance_decoder"] = name
+        info["guidance_checkpoint"] = bool(checkpoint and name == "vae"
+                                           and getattr(self.vae, "_supports_gradient_checkpointing", False))
         return Guide.for_edit(edit, plans, segmenter, self.latent_factor, decode)
 
-    def guidance_decoder(self, choice: str = "auto",
-                         checkpoint: bool = False) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    def guidance_decoder(self, choice: str = "auto") -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
         """What guidance sees x̂0 through (method.md §6 decodes with the VAE; a tiny decoder costs a fraction):
-        (its name, latents -> [-1, 1] float images, differentiable). `choice` is `Settings.guidance_vae`; with
-        `checkpoint` (`Settings.guidance_checkpoint`) the VAE recomputes its blocks in the backward pass."""
+        (its name, latents -> [-1, 1] float images, differentiable). `choice` is `Settings.guidance_vae`."""
         if choice == "full" or (choice == "auto" and self.guidance_vae is None):
-            if checkpoint and getattr(self.vae, "_supports_gradient_checkpointing", False):
-                return "vae", self._checkpointed_decode
             return "vae", lambda z: self.decode_tensor(z).float()
         if choice in ("auto", "tiny"):
             if self.guidance_vae is None:
@@ -413,6 +433,7 @@ class MRGDPipeline:
         scale <= 1, as diffusers skips classifier-free guidance there)."""
         eps: list[Any] = [None] * len(jobs)
         cfg = scale > 1
+        alpha_t = self.scheduler.alphas_cumprod[t].to(self.device, self.dtype)  # v-prediction's ε̂ needs it
         # Each crop is denoised inside a window of real canvas around its box (fusion.context_window); windows
         # of equal (padded) size share a call. An added object must fit its box (everything around it is kept),
         # and a region prompt draws its object to fill its window, so added regions get no extra context.
@@ -448,7 +469,7 @@ class MRGDPipeline:
                 crop = latents[job.image][job.box.slices]
                 window_out = fusion.unpad(out[n : n + 1], windows[i].size)[fusion.within(job.box, windows[i])]
                 eps[i] = to_epsilon(window_out, crop,
-                                    self.scheduler.alphas_cumprod[t].to(crop), self.scheduler.config.prediction_type)
+                                    alpha_t, self.scheduler.config.prediction_type)
         return eps
 
     def _prepare_call(self, state: AttentionState, group: list[Job], cond_offset: int, tracker) -> None:
@@ -541,15 +562,19 @@ class MRGDPipeline:
         array = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
         return Image.fromarray((array[0] * 255).round().astype(np.uint8))
 
-    def _checkpointed_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """`decode_tensor` with the VAE's gradient checkpointing on for this call only (the user's VAE is left as it
-        was, also on error): its backward then keeps no block activations. SD 1.5's VAE at 512², decode + backward
-        on CPU: 6.1 GB above the model's own memory without it, 3.4 GB with it, for 3 % more time."""
-        if self.vae.is_gradient_checkpointing or not torch.is_grad_enabled():
-            return self.decode_tensor(latents).float()
+    @contextmanager
+    def _vae_checkpointing(self, enabled: bool) -> Iterator[None]:
+        """The VAE's gradient checkpointing on for one guided step, its decode and its backward pass alike: a block
+        recomputed in the backward must run as it ran forward (diffusers' mid block nests checkpoints only while
+        the flag is on; switched off before the backward, CUDA's bf16 recompute failed). The user's VAE is left
+        as it was, also on error. SD 1.5's VAE at 512², decode + backward on CPU: 6.1 GB above the model's own
+        memory without it, 3.4 GB with it, for 3 % more time."""
+        if not enabled or self.vae.is_gradient_checkpointing:
+            yield
+            return
         self.vae.enable_gradient_checkpointing()
         try:
-            return self.decode_tensor(latents).float()
+            yield
         finally:
             self.vae.disable_gradient_checkpointing()
 
@@ -568,9 +593,14 @@ class MRGDPipeline:
             "dtype": str(self.dtype).replace("torch.", ""), "vae_dtype": str(self.vae.dtype).replace("torch.", ""),
             "prediction_type": self.scheduler.config.prediction_type, "model_notes": self.load_notes,
             "method": edit.mrgd.method, "size": list(edit.size), "steps": edit.steps, "images": len(images),
+            "compiled": self.compiled,
             "seconds": timer.seconds, "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                                                    "transformers": transformers.__version__},
         }
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def _place(module, device: torch.device, dtype: torch.dtype) -> None:
@@ -589,20 +619,26 @@ def _place(module, device: torch.device, dtype: torch.dtype) -> None:
 
 
 class _Timer:
-    """Wall time per phase, summed over the run."""
+    """Wall time per phase, summed over the run. On CUDA each phase waits for its kernels (launches return at
+    once); that costs one launch latency per phase, a few per step."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | None = None):
         self.seconds: dict[str, float] = defaultdict(float)
         self._start = time.perf_counter()
+        self.sync = device is not None and device.type == "cuda"
 
     def __call__(self, phase: str):
         timer = self
 
         class _Phase:
             def __enter__(self):
+                if timer.sync:
+                    torch.cuda.synchronize()
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
+                if timer.sync:
+                    torch.cuda.synchronize()
                 timer.seconds[phase] = round(timer.seconds[phase] + time.perf_counter() - self.t0, 4)
 
         return _Phase()
