@@ -32,7 +32,7 @@ from PIL import Image
 from mrgd.inversion import METHODS, encode_image, invert
 from mrgd.layout import Edit
 from mrgd.metrics import clip_in_box, psnr, ssim, ssim_i
-from mrgd.models import DEFAULT_MODEL, load_pipeline
+from mrgd.models import DEFAULT_MODEL, load_pipeline, parse_device, parse_dtype
 from mrgd.toyworld.world import COLORS, make_scene
 
 HELDOUT_SEED = 20_000  # the model's training pools use seeds 0..99
@@ -73,10 +73,13 @@ def main() -> None:
     parser.add_argument("--method", default="p2p", choices=["multidiffusion", "p2p", "mrgd"])
     parser.add_argument("--inversions", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", help="float32 (default: the measured numbers), float16, bfloat16, auto")
     parser.add_argument("--out", default="benchmarks/results/inversion")
     args = parser.parse_args()
     inversions = [m.strip() for m in args.inversions.split(",") if m.strip()]
-    pipe = load_pipeline(args.model)
+    device = parse_device(args.device)
+    pipe = load_pipeline(args.model, device=device, dtype=parse_dtype(args.dtype, device))
     rng = np.random.default_rng(HELDOUT_SEED + args.seed)
     rows, sheet = [], []
     for i in range(args.n):
@@ -89,6 +92,8 @@ def main() -> None:
         for name in inversions:
             t0 = time.perf_counter()
             inversion, pivots = invert(pipe, image, edit, inner_steps=args.inner_steps, method=name)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # kernels still queued belong to the inversion's time
             seconds = time.perf_counter() - t0
             result = pipe.edit(edit, **inversion.edit_kwargs())
             recon, target = result.source, result.target
@@ -114,7 +119,8 @@ def main() -> None:
     report = {"command": "python benchmarks/inversion.py " + " ".join(sys.argv[1:]), "model": args.model, "images": args.n, "steps": args.steps, "inner_steps": args.inner_steps,
               "method": args.method, "guidance_scale": 7.0, "size": [128, 128], "seed": args.seed,
               "scorer": "the model family's clip/" if pipe.scorer is not None else None,
-              "threads": torch.get_num_threads(), "mean": means, "median_seconds": medians, **baseline, "rows": rows}
+              "threads": torch.get_num_threads(), "device": str(device),
+              "dtype": str(pipe.dtype).replace("torch.", ""), "mean": means, "median_seconds": medians, **baseline, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -127,7 +133,8 @@ def main() -> None:
              "(on the target); SSIM-i between reconstruction and target, and between the input photo and target (what "
              "the user keeps of the photo; a reconstruction that smooths the photo away scores the first one higher); "
              "seconds per inversion (median, "
-             f"{torch.get_num_threads()} threads).", "",
+             + (f"{device} {str(pipe.dtype).replace('torch.', '')})." if device.type == "cuda"
+                else f"{torch.get_num_threads()} threads)."), "",
              "| inversion | PSNR | SSIM | CLIP before | CLIP after | SSIM-i | SSIM-i vs input | s/inversion | speed-up vs null-text |",
              "|---|---|---|---|---|---|---|---|---|"]
     reference = medians.get("null-text")

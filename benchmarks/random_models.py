@@ -32,21 +32,26 @@ def random_pipeline(arch: str, device: str | torch.device = "cpu", dtype: torch.
 
     template = family_template(FAMILIES[arch])
     torch.manual_seed(seed)
-    parts = {
-        "unet": UNet2DConditionModel.from_config(template["unet"]),
-        "vae": AutoencoderKL.from_config(template["vae"]),
-        "text_encoder": _text(template["text_encoder"]),
-        "tokenizer": CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), **template["tokenizer"]),
-        "scheduler": DDIMScheduler.from_config(template["scheduler"]),
-    }
-    if "text_encoder_2" in template:
-        parts["text_encoder_2"] = _text(template["text_encoder_2"])
+    # built where they will run: initialising SDXL's 2.6 G UNet parameters on a GPU takes a second, on a CPU minutes
+    with torch.device(device):
+        parts = {
+            "unet": UNet2DConditionModel.from_config(template["unet"]),
+            "vae": AutoencoderKL.from_config(template["vae"]),
+            "text_encoder": _text(template["text_encoder"]),
+        }
+        if "text_encoder_2" in template:
+            parts["text_encoder_2"] = _text(template["text_encoder_2"])
+        if guidance:
+            parts["guidance_model"] = CLIPSegForImageSegmentation(CLIPSegConfig())
+        if tiny_decoder:
+            parts["guidance_vae"] = AutoencoderTiny()
+    # the scheduler's tables stay on the CPU, where diffusers keeps them
+    parts["scheduler"] = DDIMScheduler.from_config(template["scheduler"])
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), **template["tokenizer"])
+    if "tokenizer_2" in template:
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), **template["tokenizer_2"])
     if guidance:
-        parts["guidance_model"] = CLIPSegForImageSegmentation(CLIPSegConfig())
         parts["guidance_tokenizer"] = parts["tokenizer"]
-    if tiny_decoder:
-        parts["guidance_vae"] = AutoencoderTiny()
     pipe = MRGDPipeline(**parts, device=device, dtype=dtype, name=f"{arch} (random weights)")
     if guidance:
         pipe.guidance_size = 352  # CIDAS/clipseg-rd64's processor size

@@ -1,13 +1,16 @@
 """Speed and memory of a 3-region edit per method, as ratios to the plain diffusers pipeline drawing the same pair.
 
     python benchmarks/speed.py [--arch embedded,sd15,sdxl] [--size 256] [--steps 10] [--methods ...]
-                               [--device auto] [--dtype auto] [--repeats 1] [--out benchmarks/results/speed]
+                               [--device auto] [--dtype auto] [--repeats 1] [--compile] [--fresh]
+                               [--out benchmarks/results/speed]
 
 `--arch embedded` is the shipped shapes-world family; `sd15` and `sdxl` are the full-size architectures with random
 weights (`random_models.py`; CLIPSeg rd64 for guidance, a TAESD decoder), which is what time and memory depend on.
 The plain baseline is diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline on the same components with
 DDIM, denoising the source and target prompts (global prompt + every region prompt of that image) as one batch of
-two: what a user pays for the two pictures without any region control. Each method row is one `pipe.edit` of
+two, decoded by the same `decode_tensor` as mrgd's pictures (in the VAE's dtype: fp32 where its config asks to
+upcast, which diffusers' SD 1.x pipeline would not do beside an fp16 UNet and fails on): what a user pays for the two
+pictures without any region control. Each method row is one `pipe.edit` of
 `examples/three_regions.json` at the given size and steps. `--methods` is a ";"-separated list of names with
 optional settings, e.g. `p2p;mrgd:guidance_vae=full,guidance_every=2`. Peak memory: the process's resident set, sampled every 5 ms during the
 run, above what it held before (CPU), or the CUDA allocator's peak (GPU). Runs unchanged on CUDA.
@@ -16,8 +19,11 @@ Seconds are wall-clock on CUDA; on a CPU they are the process's CPU time (`--clo
 other jobs on a shared machine do not inflate; run with OMP_NUM_THREADS=1 for ratios that compare compute alone.
 `--clock wall` measures wall-clock time on a CPU too. Both are recorded.
 
-Writes <out>.json and <out>.md (one table per architecture; each run of the script replaces the tables of the
-architectures it ran and keeps the others).
+On CUDA every row is warmed up first with 2 steps of the same shapes (kernel selection; compilation with
+`--compile`), whose seconds are the "warm-up s" column. `benchmarks/gpu.sh` runs the GPU set in one go.
+
+Writes <out>.json and <out>.md (one table per architecture, size, device and dtype; a run replaces the tables it
+measured, row by row as it goes, and keeps the others).
 """
 
 from __future__ import annotations
@@ -77,10 +83,17 @@ class PeakMemory:
             self.peak = max(self.top, self._rss()) - self.base
 
 
-def timed(fn, device: torch.device, repeats: int, warmup: bool, clock: str = "wall"):
-    """(median seconds on `clock`, median wall seconds, peak bytes of the first timed run, last result)."""
-    if warmup:
-        fn()
+def timed(fn, device: torch.device, repeats: int, warmup=None, clock: str = "wall"):
+    """(median seconds on `clock`, median wall seconds, peak bytes of the first timed run, last result, warm-up
+    seconds). ``warmup`` is run once first, untimed: the same work (on the embedded model) or the same shapes in
+    2 steps (CUDA: kernel selection, and compilation with --compile)."""
+    warm_seconds = None
+    if warmup is not None:
+        t0 = time.perf_counter()
+        warmup()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        warm_seconds = time.perf_counter() - t0
     times, walls, peak, out = [], [], None, None
     for _ in range(repeats):
         if device.type == "cuda":
@@ -93,7 +106,7 @@ def timed(fn, device: torch.device, repeats: int, warmup: bool, clock: str = "wa
             walls.append(time.perf_counter() - t0)
             times.append(time.process_time() - c0 if clock == "cpu" else walls[-1])
         peak = memory.peak if peak is None else peak
-    return statistics.median(times), statistics.median(walls), peak, out
+    return statistics.median(times), statistics.median(walls), peak, out, warm_seconds
 
 
 def parse_method(text: str) -> tuple[str, str, dict]:
@@ -122,7 +135,10 @@ def _setup(arch: str, args, device: torch.device, dtype: torch.dtype):
     key = (arch, str(device), str(dtype))
     if key not in _PIPES:
         t0 = time.perf_counter()
-        _PIPES[key] = (build(arch, device, dtype), time.perf_counter() - t0)
+        pipe = build(arch, device, dtype)
+        if args.compile:
+            pipe.compile()
+        _PIPES[key] = (pipe, time.perf_counter() - t0)
     pipe, load_seconds = _PIPES[key]
     return pipe, load_seconds, _sized_edit(arch, args)
 
@@ -140,26 +156,39 @@ def measure_row(arch: str, args, device: torch.device, dtype: torch.dtype, text:
 
     pipe, _, edit = _setup(arch, args, device, dtype)
     size, steps = edit.size[0], edit.steps
-    warm = arch == "embedded"  # small enough to warm up; the full-size ones take minutes per run on a CPU
+    # the embedded model is small enough to warm up with the same work; on CUDA 2 steps of the same shapes do
+    # (the full-size ones take minutes per run on a CPU: no warm-up there)
+    warm_steps = steps if arch == "embedded" else 2 if device.type == "cuda" else None
     total_before = PeakMemory._rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     if text == PLAIN:
         plain = diffusers_pipeline(pipe)
         prompts = [edit.source().total_prompt(), edit.target().total_prompt()]
         negative = [edit.negative_prompt] * 2 if edit.negative_prompt or pipe.family.name != "sdxl" else None
-        seconds, wall, peak, _ = timed(lambda: plain(prompts, negative_prompt=negative, height=size, width=size,
-                                                     num_inference_steps=steps, guidance_scale=edit.guidance_scale,
-                                                     generator=torch.Generator("cpu").manual_seed(edit.seed)),
-                                       device, args.repeats, warm, args.clock)
+
+        def draw(n_steps):
+            # decoded as mrgd decodes (`decode_tensor`: in the VAE's dtype, fp32 where its config asks to upcast),
+            # which diffusers' SD pipeline does not do for an fp32 VAE beside an fp16 UNet
+            latents = plain(prompts, negative_prompt=negative, height=size, width=size, num_inference_steps=n_steps,
+                            guidance_scale=edit.guidance_scale, generator=torch.Generator("cpu").manual_seed(edit.seed),
+                            output_type="latent").images
+            with torch.no_grad():
+                return pipe.decode_tensor(latents)
+
+        seconds, wall, peak, _, warm = timed(lambda: draw(steps), device, args.repeats,
+                                             warm_steps and (lambda: draw(warm_steps)), args.clock)
         latent = size // pipe.latent_factor
         row = {"unet_calls": steps, "unet_pixel_rows": steps * 4 * latent * latent}  # (uncond, cond) x (S, T)
     else:
         _, method, settings = parse_method(text)
         variant = Edit.from_dict({**edit.to_dict(), "mrgd": {**edit.mrgd.model_dump(), "method": method, **settings}})
-        seconds, wall, peak, result = timed(lambda: pipe.edit(variant), device, args.repeats, warm, args.clock)
+        warm_variant = warm_steps and Edit.from_dict({**variant.to_dict(), "steps": warm_steps})
+        seconds, wall, peak, result, warm = timed(lambda: pipe.edit(variant), device, args.repeats,
+                                                  warm_variant and (lambda: pipe.edit(warm_variant)), args.clock)
         info = result.info
         row = {"unet_calls": info["unet_calls"], "unet_pixel_rows": info["unet_pixel_rows"],
                "guidance_decoder": info.get("guidance_decoder"),
                "phases": {k: round(v, 3) for k, v in info["seconds"].items()}}
+    row["warmup_seconds"] = None if warm is None else round(warm, 2)
     print(f"{arch} {text}: {seconds:.2f} s", flush=True)
     return {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "peak_mb": round(peak / 2**20),
             "peak_total_mb": round((total_before + peak) / 2**20), **row}
@@ -171,7 +200,8 @@ def _row_in_child(arch, args, device, dtype, text) -> dict:
     return measure_row(arch, args, device, dtype, text)
 
 
-def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype, on_row=None) -> dict:
+    """One architecture's table; ``on_row(report so far)`` after each row (a run cut short keeps its rows)."""
     texts = [PLAIN, *args.methods.split(";")]
     if args.fresh:  # each row in a new process: no row inherits another's cached allocations (peak memory)
         import multiprocessing
@@ -182,10 +212,18 @@ def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> dict:
                 rows[text] = pool.apply(_row_in_child, (arch, args, device, dtype, text))
         load_seconds, edit = None, _sized_edit(arch, args)
         name = str(DEFAULT_MODEL) if arch == "embedded" else f"random {arch}"
-    else:
-        rows = {text: measure_row(arch, args, device, dtype, text) for text in texts}
+        return _report(arch, args, device, dtype, rows, name, load_seconds, edit)
+    rows = {}
+    for text in texts:
+        rows[text] = measure_row(arch, args, device, dtype, text)
         pipe, load_seconds, edit = _setup(arch, args, device, dtype)
-        name = pipe.name
+        report = _report(arch, args, device, dtype, rows, pipe.name, load_seconds, edit)
+        if on_row is not None:
+            on_row(report)
+    return report
+
+
+def _report(arch, args, device, dtype, rows, name, load_seconds, edit) -> dict:
     size, steps = edit.size[0], edit.steps
     reference = rows[PLAIN]
     for row in rows.values():
@@ -195,18 +233,27 @@ def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> dict:
         row["peak_total_vs_plain"] = round(row["peak_total_mb"] / max(reference["peak_total_mb"], 1), 3)
     return {"arch": arch, "model": name, "size": [size, size], "steps": steps, "device": str(device),
             "dtype": str(dtype).replace("torch.", ""), "clock": args.clock, "threads": args.threads,
-            "fresh_processes": bool(args.fresh),
+            "fresh_processes": bool(args.fresh), "compiled": bool(args.compile),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "load_seconds": None if load_seconds is None else round(load_seconds, 1), "rows": rows}
+
+
+def report_key(report: dict) -> str:
+    """Which earlier table a run replaces: same architecture, size, device kind, dtype and compilation."""
+    device = report.get("device", "cpu").split(":")[0]
+    return f"{report['arch']}@{report['size'][0]} {device} {report.get('dtype')}" + (" compiled" * bool(report.get("compiled")))
 
 
 def markdown(report: dict) -> list[str]:
     lines = [f"## {report['arch']}: {report['model']}, {report['size'][0]}², {report['steps']} steps, "
              f"{report['device']} {report['dtype']}, {report['threads']} threads, "
              f"{report.get('clock', 'wall')} seconds"
+             + (f" ({report['gpu']})" if report.get("gpu") else "")
+             + (", UNet blocks compiled (`--compile`; warm-up includes compiling)" if report.get("compiled") else "")
              + (", each row in a fresh process" if report.get("fresh_processes") else ""), "",
              "| method | seconds | vs plain pair | UNet pixel-rows vs plain | guidance s | guidance vs p2p time | "
-             "peak MB (run) | peak vs plain | peak MB (process) | process peak vs plain |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak MB (run) | peak vs plain | peak MB (process) | process peak vs plain | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     p2p = report["rows"].get("p2p", {}).get("seconds")
     for name, r in report["rows"].items():
         guidance = r.get("phases", {}).get("guidance")
@@ -214,7 +261,8 @@ def markdown(report: dict) -> list[str]:
         decoder = f" ({r['guidance_decoder']} decoder)" if r.get("guidance_decoder") else ""
         lines.append(f"| {name}{decoder} | {r['seconds']:.2f} | {r['vs_plain']:.2f} | {r['pixel_rows_vs_plain']:.2f} | "
                      f"{'' if guidance is None else f'{guidance:.2f}'} | {extra} | {r['peak_mb']} | {r['peak_vs_plain']:.2f} | "
-                     f"{r.get('peak_total_mb', '')} | {r.get('peak_total_vs_plain', '')} |")
+                     f"{r.get('peak_total_mb', '')} | {r.get('peak_total_vs_plain', '')} | "
+                     f"{'' if r.get('warmup_seconds') is None else r['warmup_seconds']} |")
     return lines + [""]
 
 
@@ -232,6 +280,8 @@ def main() -> None:
                         help="run each row in a new process, so its peak memory is its own (loads the model per row)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                         help="process CPU time or wall-clock time; default: cpu on a CPU, wall on CUDA")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet's blocks first (MRGDPipeline.compile); the plain rows use them too")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = parser.parse_args()
     device = parse_device(args.device)
@@ -240,17 +290,21 @@ def main() -> None:
     args.threads = torch.get_num_threads()
     out = Path(args.out)
     previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
-    reports = {r["arch"] + f"@{r['size'][0]}": r for r in previous.get("reports", [])}
+    reports = {report_key(r): r for r in previous.get("reports", [])}
+
+    def save(report: dict) -> list[str]:
+        reports[report_key(report)] = report
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"reports": list(reports.values())}, indent=2) + "\n")
+        lines = ["# Speed of one 3-region edit (`examples/three_regions.json`) against the plain pipeline", "",
+                 "`python benchmarks/speed.py --arch ...`; see the script's docstring for what each column measures.", ""]
+        for each in reports.values():
+            lines += markdown(each)
+        out.with_suffix(".md").write_text("\n".join(lines))
+        return lines
+
     for arch in args.arch.split(","):
-        report = run_arch(arch.strip(), args, device, dtype)
-        reports[report["arch"] + f"@{report['size'][0]}"] = report
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"reports": list(reports.values())}, indent=2) + "\n")
-    lines = ["# Speed of one 3-region edit (`examples/three_regions.json`) against the plain pipeline", "",
-             "`python benchmarks/speed.py --arch ...`; see the script's docstring for what each column measures.", ""]
-    for report in reports.values():
-        lines += markdown(report)
-    out.with_suffix(".md").write_text("\n".join(lines))
+        lines = save(run_arch(arch.strip(), args, device, dtype, on_row=save))
     print("\n".join(lines))
 
 
