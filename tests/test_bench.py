@@ -357,3 +357,16 @@ def test_pooled_differences_count_each_suites_pairs_once(tmp_path):
             bench.append_record(folder / bench.RECORDS, record(f"add-{k}", "new", 10.0 * k + lift))
     table = pool.pooled_table(folders, "ref", ["new"])
     assert "| new | add | 6 | +2.00 [+1." in table
+
+
+def test_cli_bench_compile_compiles_the_loaded_pipeline_once(capsys, tmp_path, suite, tiny_model_dir, monkeypatch):
+    from mrgd.pipeline import MRGDPipeline
+    from mrgd.web.runner import Runner
+
+    calls = []
+    monkeypatch.setattr(MRGDPipeline, "compile", lambda self, mode=None: calls.append(self.name) or 0)
+    code, _, err = run_cli(capsys, "bench", suite, "-o", tmp_path / "out", "--model", tiny_model_dir, "--methods",
+                           "p2p", "--limit", "1", "--compile")
+    assert code == 0 and len(calls) == 1, err
+    Runner(str(tiny_model_dir), "cpu", "float32", compile_unet=True)  # `mrgd serve --compile`
+    assert len(calls) == 2

@@ -288,7 +288,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
-          dtype: str = "auto") -> None:
+          dtype: str = "auto", compile_unet: bool = False) -> None:
     """`mrgd serve`: load the model, then serve the page until Ctrl+C."""
-    runner = Runner(model, device, dtype)
+    runner = Runner(model, device, dtype, compile_unet)
     launch(Page(runner, Path(tempfile.mkdtemp(prefix="mrgd-web-"))), host, port)

@@ -80,11 +80,12 @@ class Run:
 class Runner:
     """The server's pipeline and the lock that gives the device to one run at a time."""
 
-    def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto", compile_unet: bool = False):
         from ..models import parse_device
 
         self.device = parse_device(device)
         self.dtype_name = dtype
+        self.compile_unet = compile_unet  # torch.compile each loaded model's UNet blocks (MRGDPipeline.compile)
         self.lock = threading.Lock()
         self.pipe, self.model = self._load(model), model
 
@@ -96,8 +97,11 @@ class Runner:
         from ..runtime import settle_libraries
 
         settle_libraries(load=True)  # under `mrgd serve`, the libraries' loading bars stay quiet (runtime.py)
-        return load_pipeline(model or str(DEFAULT_MODEL), device=self.device,
+        pipe = load_pipeline(model or str(DEFAULT_MODEL), device=self.device,
                              dtype=parse_dtype(self.dtype_name, self.device))
+        if self.compile_unet:
+            pipe.compile()
+        return pipe
 
     @property
     def model_name(self) -> str:
