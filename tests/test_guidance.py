@@ -328,7 +328,7 @@ def test_guiding_every_kth_step_weighs_l_ip_k_times_where_it_runs(tiny_guided_pi
     assert any(every.weights(step).ip > 0 for step in range(THREE_REGION_EDIT["steps"]))
 
 
-def test_ip_reach_inherent_keeps_l_ip_from_moving_the_edited_latents(tiny_guided_pipe):
+def test_ip_reach_keeps_l_ip_from_moving_the_edited_or_added_latents(tiny_guided_pipe):
     from mrgd.pipeline import SOURCE, TARGET
 
     pipe = tiny_guided_pipe
@@ -336,7 +336,7 @@ def test_ip_reach_inherent_keeps_l_ip_from_moving_the_edited_latents(tiny_guided
     torch.manual_seed(0)
     x0 = {SOURCE: torch.randn(1, 4, 8, 8), TARGET: torch.randn(1, 4, 8, 8)}
     grads = {}
-    for reach in ("image", "inherent"):
+    for reach in ("image", "inherent", "added"):
         guide = _guide(pipe, _edit(method="mrgd", lambda_rs=0.0, lambda_is=0.0, lambda_ip=1.0, ip_reach=reach), decode)
         target = x0[TARGET].clone().requires_grad_()
         loss, _ = guide.loss(decode, {SOURCE: x0[SOURCE], TARGET: target}, 10)
@@ -348,6 +348,12 @@ def test_ip_reach_inherent_keeps_l_ip_from_moving_the_edited_latents(tiny_guided
     assert grads["image"][..., hole].abs().max() > 0
     assert grads["inherent"][..., hole].abs().max() == 0
     assert torch.allclose(grads["inherent"], mask * grads["image"], atol=1e-7)
+    # "added": out of the added box (toy) only; the modified and removed boxes still feel L_IP
+    added = inherent_mask(guide.added, guide.hw)
+    assert len(guide.added) == 1 and (added == 0).sum() < hole.sum()
+    assert grads["added"][..., added == 0].abs().max() == 0
+    assert grads["added"][..., hole & (added == 1)].abs().max() > 0
+    assert torch.allclose(grads["added"], added * grads["image"], atol=1e-7)
 
 
 def test_checkpointed_guidance_decode_gives_the_same_pixels_and_leaves_the_vae_as_it_was(tiny_guided_pipe, monkeypatch):

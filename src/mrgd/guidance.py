@@ -235,6 +235,7 @@ class Guide:
     update_source: bool  # a removal with settings.guide_source_on_removal: the source is guided too
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> [-1, 1] float images: what Φ and L_IP look at
     rs_keys: frozenset[str] | None = None  # regions L_RS pulls (Settings.rs_regions "edited"); None: every one
+    added: list[LatentBox] = field(default_factory=list)  # boxes of added regions (ip_reach "added")
     selected: dict[tuple[int, str], list[str]] | None = None  # keyword selection fills this in
     last_maps: dict[int, torch.Tensor] | None = None
     _pixel_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
@@ -261,12 +262,17 @@ class Guide:
         return cls(segmenter, edit.mrgd, edit.steps, factor, hw, regions, prompts,
                    {r.id: list(r.keywords) for r in edit.regions}, common, edited,
                    edit.mrgd.guide_source_on_removal and any(r.role == "removed" for r in edit.regions), decode,
-                   rs_keys)
+                   rs_keys, added=[boxes[r.id] for r in edit.regions if r.role == "added"])
 
     @cached_property
     def latent_mask(self) -> torch.Tensor:
         """ℳ at the latent's size (the edit's boxes do not change during a run)."""
         return inherent_mask(self.edited, self.hw)
+
+    @cached_property
+    def added_mask(self) -> torch.Tensor:
+        """ℳ of the added boxes alone: 0 inside them (ip_reach "added")."""
+        return inherent_mask(self.added, self.hw)
 
     def pixel_mask(self, hw: tuple[int, int]) -> torch.Tensor:
         """ℳ at the decoded picture's size, for L_IP's pixel term (made once per size)."""
@@ -353,14 +359,15 @@ class Guide:
 
     def _gradients(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """∇L for the guided x̂0's. With `ip_reach` "inherent" (ours), L_IP's share reaches only the latents outside
-        the edited boxes (weighted by ℳ): through the decoder its pixel term otherwise also moved the edited box's
+        the edited boxes (weighted by ℳ; "added": outside the added boxes): through the decoder its pixel term otherwise also moved the edited box's
         latents, so that the pixels around the box match the source, which drew the new object back toward the old
         picture. It costs a second backward pass through the decoder."""
         terms, self.terms = self.terms, None  # the graph is not kept past its step
-        if self.settings.ip_reach == "image" or terms is None or not terms[1].requires_grad:
+        reach = self.settings.ip_reach
+        if reach == "image" or (reach == "added" and not self.added) or terms is None or not terms[1].requires_grad:
             return list(torch.autograd.grad(loss, inputs))
         steer, keep = terms
-        mask = self.latent_mask.to(inputs[0])
+        mask = (self.latent_mask if reach == "inherent" else self.added_mask).to(inputs[0])
         from_keep = torch.autograd.grad(keep, inputs, retain_graph=steer.requires_grad)
         from_steer = (torch.autograd.grad(steer, inputs, allow_unused=True) if steer.requires_grad
                       else [None] * len(inputs))
