@@ -286,7 +286,8 @@ def edit(
     guidance_until: Annotated[Optional[float], typer.Option(
         "--guidance-until", help="guide only the first fraction of the steps, e.g. 0.5")] = None,
     guidance_vae: Annotated[Optional[str], typer.Option(
-        "--guidance-vae", help="decoder guidance sees x̂0 through: auto | full | tiny | an AutoencoderTiny folder (TAESD)")] = None,
+        "--guidance-vae", help="decoder guidance sees x̂0 through: auto (default: the model's tiny decoder when it "
+        "ships one, else its VAE) | full | tiny | an AutoencoderTiny folder (TAESD)")] = None,
     guidance_size: Annotated[Optional[int], typer.Option("--guidance-size", help="the guidance model's input side in pixels")] = None,
     guidance_model: Annotated[Optional[str], typer.Option("--guidance-model", help="CLIPSeg folder or hub id")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="also write keywords.json/.png, masks.png, metrics.png")] = False,

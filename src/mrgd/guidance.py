@@ -358,10 +358,11 @@ class Guide:
                        (("rs", rs), ("is", is_), ("ip", ip), ("total", total))}
 
     def _gradients(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """∇L for the guided x̂0's. With `ip_reach` "inherent" (ours), L_IP's share reaches only the latents outside
-        the edited boxes (weighted by ℳ; "added": outside the added boxes): through the decoder its pixel term otherwise also moved the edited box's
-        latents, so that the pixels around the box match the source, which drew the new object back toward the old
-        picture. It costs a second backward pass through the decoder."""
+        """∇L for the guided x̂0's. With `ip_reach` "added" (ours, the default) L_IP's share reaches only the latents
+        outside the added boxes, with "inherent" only those outside every edited box (weighted by ℳ): through the
+        decoder its pixel term otherwise also moved a box's latents, so that the pixels around the box match the
+        source, which drew the new object back toward the old picture. It costs a second backward pass through the
+        decoder, in edits that have such a box."""
         terms, self.terms = self.terms, None  # the graph is not kept past its step
         reach = self.settings.ip_reach
         if reach == "image" or (reach == "added" and not self.added) or terms is None or not terms[1].requires_grad:

@@ -156,8 +156,10 @@ class Settings(_Model):
     guidance_every: int = Field(2, ge=1)
     guidance_until: Fraction = 1.0  # guide only while k < guidance_until·N: the late steps refine what is there
     # The decoder Φ and L_IP's pixel term see x̂0 through: "auto" (the family's tiny decoder when it ships one, else
-    # its VAE), "full" (the VAE), "tiny", or a folder holding a diffusers AutoencoderTiny (TAESD family).
-    guidance_vae: str = Field("full", min_length=1)
+    # its VAE), "full" (the VAE, as §6), "tiny", or a folder holding a diffusers AutoencoderTiny (TAESD family). On the
+    # tuning suites (161 pairs) the embedded family's tiny decoder stayed within 0.5 CLIP and 0.005 SSIM of its VAE
+    # per task, at 0.85x the edit's time (benchmarks/results/tuning-tiny-decoder.md).
+    guidance_vae: str = Field("auto", min_length=1)
     # Guidance's VAE decode recomputes its blocks in the backward pass instead of keeping them (ours): SD 1.5 at 512²
     # peaked at 1.63x the plain pair's memory with them kept (benchmarks/results/speed.md); it costs ~3 % of an edit's
     # time there and ~7 % on the embedded model at 128², where memory is no concern. None: from 512² pixels up.
@@ -236,7 +238,7 @@ class Settings(_Model):
 PAPERS_RULES: dict[str, Any] = {"ip_step": "epsilon", "ip_pixels": True, "edited_on_top": (), "total_clears_removed": False,
                                 "total_clears_edited": (), "total_within": "canvas", "own_attention_in": (),
                                 "removal_margin": 0.0, "rs_regions": "all", "guidance_max_step": None,
-                                "guidance_every": 1, "ip_reach": "image"}
+                                "guidance_every": 1, "ip_reach": "image", "guidance_vae": "full"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
