@@ -25,7 +25,10 @@ def test_sigint_during_edit_leaves_nothing_and_exits_130(tmp_path, tiny_model_di
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MRGD_DEBUG", None)
     command = [str(MRGD), "edit", str(tmp_path / "edit.json"), "-o", str(out), "--model", str(tiny_model_dir)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    # a shell without job control starts background jobs with SIGINT ignored, and children inherit that: give the
+    # edit the default disposition, as a terminal's foreground command has, whatever ran these tests
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stage = tmp_path / f".out.partial-{process.pid}"
     deadline = time.monotonic() + 120
     while not stage.exists() and process.poll() is None and time.monotonic() < deadline:
