@@ -31,8 +31,9 @@ def alphas_at(scheduler, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
     return alpha, alpha_prev
 
 
-def to_epsilon(model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """The noise prediction ε̂ from an ε- or v-predicting model (SD 1.x predicts ε, SD 2.x v)."""
+def to_epsilon(model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor | None,
+               prediction_type: str) -> torch.Tensor:
+    """The noise prediction ε̂ from an ε- or v-predicting model (SD 1.x predicts ε, SD 2.x v; ᾱ_t only for v)."""
     if prediction_type == "epsilon":
         return model_output
     if prediction_type == "v_prediction":

@@ -433,7 +433,9 @@ class MRGDPipeline:
         scale <= 1, as diffusers skips classifier-free guidance there)."""
         eps: list[Any] = [None] * len(jobs)
         cfg = scale > 1
-        alpha_t = self.scheduler.alphas_cumprod[t].to(self.device, self.dtype)  # v-prediction's ε̂ needs it
+        # v-prediction's ε̂ needs ᾱ_t on the device; an ε model does not (a copy per call waits on CUDA)
+        v_model = self.scheduler.config.prediction_type == "v_prediction"
+        alpha_t = self.scheduler.alphas_cumprod[t].to(self.device, self.dtype) if v_model else None
         # Each crop is denoised inside a window of real canvas around its box (fusion.context_window); windows
         # of equal (padded) size share a call. An added object must fit its box (everything around it is kept),
         # and a region prompt draws its object to fill its window, so added regions get no extra context.
