@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 import traceback
 import warnings
 from collections import Counter
@@ -30,20 +29,13 @@ import torch  # noqa: E402
 from mrgd import runtime  # noqa: E402
 from mrgd.layout import Edit  # noqa: E402
 from mrgd.models import DEFAULT_MODEL, load_pipeline  # noqa: E402
+from speed import timed  # noqa: E402  (beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def pixels(result) -> np.ndarray:
     return np.concatenate([np.asarray(result.source, np.int16), np.asarray(result.target, np.int16)], axis=1)
-
-
-def timed_edit(pipe, edit):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    result = pipe.edit(edit)
-    torch.cuda.synchronize()
-    return result, time.perf_counter() - t0
 
 
 def sync_sites(pipe, edit) -> tuple[Counter, int]:
@@ -87,7 +79,8 @@ def main() -> None:
         dtype = getattr(torch, name)
         pipe = load_pipeline(str(DEFAULT_MODEL), device="cuda", dtype=dtype)
         pipe.edit(edit)  # warm-up
-        (first, seconds), (second, _) = timed_edit(pipe, edit), timed_edit(pipe, edit)
+        seconds, _, _, first, _ = timed(lambda: pipe.edit(edit), pipe.device, repeats=1)
+        second = pipe.edit(edit)
         try:
             with runtime.deterministic():
                 same_deterministic = np.array_equal(pixels(pipe.edit(edit)), pixels(pipe.edit(edit)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -138,17 +138,16 @@ def resize(x: torch.Tensor, hw: tuple[int, int], antialias: bool = False) -> tor
     return rows.transpose(0, 1) @ x @ cols
 
 
-_CLIP_NORMS: dict = {}  # (device, dtype) -> (mean, std), made once: a host-to-device copy per query waits on the GPU
+@cache
+def _clip_norms(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std where the pixels are, made once (a host-to-device copy per query waits on the GPU)."""
+    return tuple(torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
 
 
 def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     """[-1, 1] images -> CLIP-normalised pixels at Φ's input size (differentiable)."""
     x = resize((images + 1) / 2, (size, size), antialias=True)
-    key = (x.device, x.dtype)
-    if key not in _CLIP_NORMS:
-        _CLIP_NORMS[key] = tuple(torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-                                 for v in (CLIP_MEAN, CLIP_STD))
-    mean, std = _CLIP_NORMS[key]
+    mean, std = _clip_norms(x.device, x.dtype)
     return (x - mean) / std
 
 
@@ -238,8 +237,7 @@ class Guide:
     added: list[LatentBox] = field(default_factory=list)  # boxes of added regions (ip_reach "added")
     selected: dict[tuple[int, str], list[str]] | None = None  # keyword selection fills this in
     last_maps: dict[int, torch.Tensor] | None = None
-    _pixel_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
-    _boxes: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # `_mask`'s, made once per edit
     terms: tuple[torch.Tensor, torch.Tensor] | None = None  # the last loss's (λ_rs·L_RS + λ_is·L_IS, λ_ip·L_IP)
 
     @classmethod
@@ -264,21 +262,24 @@ class Guide:
                    edit.mrgd.guide_source_on_removal and any(r.role == "removed" for r in edit.regions), decode,
                    rs_keys, added=[boxes[r.id] for r in edit.regions if r.role == "added"])
 
-    @cached_property
-    def latent_mask(self) -> torch.Tensor:
-        """ℳ at the latent's size (the edit's boxes do not change during a run)."""
-        return inherent_mask(self.edited, self.hw)
-
-    @cached_property
-    def added_mask(self) -> torch.Tensor:
-        """ℳ of the added boxes alone: 0 inside them (ip_reach "added")."""
-        return inherent_mask(self.added, self.hw)
-
-    def pixel_mask(self, hw: tuple[int, int]) -> torch.Tensor:
-        """ℳ at the decoded picture's size, for L_IP's pixel term (made once per size)."""
-        if hw not in self._pixel_masks:
-            self._pixel_masks[hw] = inherent_mask(scale_boxes(self.edited, self.factor), hw)
-        return self._pixel_masks[hw]
+    def _mask(self, kind: str, like: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """A mask of the edit, made once and kept where `like` is (the boxes do not change during a run, and a
+        host-to-device copy per step waits on CUDA): "latent" ℳ at the latent's size; "pixel" ℳ at the decoded
+        picture's size `hw`; "added" ℳ of the added boxes alone (ip_reach "added"); "boxes-S" / "boxes-T" each
+        foreground region's box in the source / target, for L_RS."""
+        key = (kind, hw, like.device, like.dtype)
+        if key not in self._masks:
+            if kind == "latent":
+                mask = inherent_mask(self.edited, self.hw)
+            elif kind == "pixel":
+                mask = inherent_mask(scale_boxes(self.edited, self.factor), hw)
+            elif kind == "added":
+                mask = inherent_mask(self.added, self.hw)
+            else:
+                boxes = [box_mask(box, self.hw) for _, box in self.regions[SOURCE if kind == "boxes-S" else TARGET]]
+                mask = torch.stack(boxes) if boxes else torch.zeros((0, *self.hw))
+            self._masks[key] = mask.to(like)
+        return self._masks[key]
 
     def weights(self, step: int) -> LossWeights:
         """λ's of a step. With `guidance_every` k, L_IP weighs k·λ_ip on the steps it runs (ours): it holds inherent
@@ -301,12 +302,6 @@ class Guide:
     def _rs_rows(self, image: int) -> list[int]:
         """Rows of an image's maps that L_RS pulls: every foreground region, or only edited ones (rs_regions)."""
         return [n for n, (key, _) in enumerate(self.regions[image]) if self.rs_keys is None or key in self.rs_keys]
-
-    def _box_masks(self, image: int, like: torch.Tensor) -> torch.Tensor:
-        if image not in self._boxes:  # made once per edit, where Φ's maps are: a copy per step waits on CUDA
-            masks = [box_mask(box, self.hw) for _, box in self.regions[image]]
-            self._boxes[image] = (torch.stack(masks) if masks else torch.zeros((0, *self.hw))).to(like)
-        return self._boxes[image]
 
     def guided(self) -> list[int]:
         """The images whose x̂0 guidance moves: the target, and the source too for a guided removal."""
@@ -336,7 +331,7 @@ class Guide:
                 if i in seen:
                     maps[i] = self.segmenter(images[i], self.texts(i), self.hw)
         self.last_maps = {**(self.last_maps or {}), **{i: m.detach() for i, m in maps.items()}}  # to the host after the run
-        rs = sum(region_specific_loss(maps[i][keep], self._box_masks(i, maps[i])[keep])
+        rs = sum(region_specific_loss(maps[i][keep], self._mask(("boxes-S", "boxes-T")[i], maps[i])[keep])
                  for i in seen for keep in [self._rs_rows(i)])
         if len(seen) == 2:
             index = {i: [key for key, _ in self.regions[i]] for i in (SOURCE, TARGET)}
@@ -344,9 +339,9 @@ class Guide:
             is_ = infonce_loss(maps[SOURCE][pick[SOURCE]], maps[TARGET][pick[TARGET]])
         else:
             is_ = x0[TARGET].new_zeros(())
-        latent_mask = self.latent_mask.to(x0[TARGET])
+        latent_mask = self._mask("latent", x0[TARGET])
         if self.settings.ip_pixels:
-            pixel_mask = self.pixel_mask(tuple(images[TARGET].shape[-2:])).to(x0[TARGET])
+            pixel_mask = self._mask("pixel", x0[TARGET], tuple(images[TARGET].shape[-2:]))
             ip = inherent_preservation_loss(images[SOURCE], images[TARGET], x0[SOURCE], x0[TARGET], pixel_mask,
                                             latent_mask)
         else:
@@ -368,7 +363,7 @@ class Guide:
         if reach == "image" or (reach == "added" and not self.added) or terms is None or not terms[1].requires_grad:
             return list(torch.autograd.grad(loss, inputs))
         steer, keep = terms
-        mask = (self.latent_mask if reach == "inherent" else self.added_mask).to(inputs[0])
+        mask = self._mask("latent" if reach == "inherent" else "added", inputs[0])
         from_keep = torch.autograd.grad(keep, inputs, retain_graph=steer.requires_grad)
         from_steer = (torch.autograd.grad(steer, inputs, allow_unused=True) if steer.requires_grad
                       else [None] * len(inputs))
