@@ -162,6 +162,23 @@ def test_run_bench_writes_records_tables_sheets_and_resumes(monkeypatch, tmp_pat
     assert [r["ssim_e"] for r in resumed] == pytest.approx([r["ssim_e"] for r in records], abs=1e-6)
 
 
+def test_a_variant_whose_settings_changed_runs_again_and_keeps_the_old_pictures(monkeypatch, tmp_path, suite, tiny_pipe):
+    """Resuming goes by the edit a variant resolves to, not its name: a default changed between two runs (here the
+    same name given other overrides) runs every job of it again; the old records and pictures stay."""
+    out = tmp_path / "out"
+    calls = count_edits(monkeypatch, tiny_pipe)
+    first = bench.run_bench(tiny_pipe, suite, out, [bench.Variant("mrgd", "MRGD", {"method": "mrgd"})])
+    changed = [bench.Variant("mrgd", "MRGD", {"method": "mrgd", "lambda_is": 0.5})]
+    second = bench.run_bench(tiny_pipe, suite, out, changed)
+    assert len(calls) == 6 and all(e.mrgd.lambda_is == 0.5 for e in calls[3:])
+    assert [r["digest"] for r in second["records"]] != [r["digest"] for r in first["records"]]
+    assert len(lines(out / "records.jsonl")) == 6  # the first run's records stay in the file, out of the tables
+    for old, new in zip(first["records"], second["records"]):
+        assert old["target"] != new["target"] and (out / old["target"]).exists() and (out / new["target"]).exists()
+    bench.run_bench(tiny_pipe, suite, out, changed)  # now current: nothing runs
+    assert len(calls) == 6
+
+
 def test_scorer_fills_the_clip_column(tmp_path, suite, tiny_pipe, tiny_clip_dir):
     scorer, tokenizer = bench.load_scorer(str(tiny_clip_dir))
     results = bench.run_bench(tiny_pipe, suite, tmp_path / "out", bench.variants(["p2p"]), limit=2,

@@ -12,6 +12,7 @@ not depend on how the jobs were split between processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -98,6 +99,13 @@ class Pair:
         data = self.edit.to_dict()
         data["mrgd"] = {**data["mrgd"], **variant.overrides}
         return Edit.from_dict(data, source=f"{self.file} ({variant.name})")
+
+
+def job_digest(edit: Edit) -> str:
+    """What a job's record was made from: a digest of its edit with every setting resolved. A record counts as done
+    only while its variant still resolves to the same edit: a default changed since, or a variant name reused with
+    other overrides, runs the job again instead of reporting the old pictures under the new settings."""
+    return hashlib.sha256(json.dumps(edit.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _task_of(edit: Edit, path: Path) -> str:
@@ -233,12 +241,20 @@ def _rank_files(out_dir: Path) -> list[Path]:
 
 
 def _all_records(out_dir: Path) -> list[dict[str, Any]]:
-    """records.jsonl then every rank file, one record per (pair, variant) (the first one wins)."""
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    """records.jsonl then every rank file, one record per (pair, variant, edit digest) (the first one wins)."""
+    merged: dict[tuple[str, str, str | None], dict[str, Any]] = {}
     for path in [out_dir / RECORDS, *_rank_files(out_dir)]:
         for record in read_records(path):
-            merged.setdefault((record["pair"], record["variant"]), record)
+            merged.setdefault((record["pair"], record["variant"], record.get("digest")), record)
     return list(merged.values())
+
+
+def _digests(jobs: Sequence[tuple[Pair, Variant]]) -> dict[tuple[str, str], str]:
+    return {(pair.name, variant.name): job_digest(pair.edit_for(variant)) for pair, variant in jobs}
+
+
+def _is_current(record: dict[str, Any], digests: dict[tuple[str, str], str]) -> bool:
+    return record.get("digest") is not None and digests.get((record["pair"], record["variant"])) == record["digest"]
 
 
 def bench_config(suite_dir: str | Path, model: str, dtype, steps: int | None, scorer: str | None) -> dict[str, Any]:
@@ -293,15 +309,19 @@ def _number(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def image_paths(pair: str, variant: str) -> tuple[str, str]:
+def image_paths(pair: str, variant: str, digest: str | None = None) -> tuple[str, str]:
     """Source and target image paths of a job, relative to the bench folder (a variant named after a setting's
-    value may hold a folder path: its separators become "_")."""
+    value may hold a folder path: its separators become "_"). With `digest`: the paths of a job re-run under new
+    settings, beside the pictures its older record still points to."""
     variant = re.sub(r"[/\\:\x00-\x1f]", "_", variant)
-    return f"images/{pair}__{variant}__source.png", f"images/{pair}__{variant}__target.png"
+    stem = f"images/{pair}__{variant}" + (f"__{digest}" if digest else "")
+    return f"{stem}__source.png", f"{stem}__target.png"
 
 
-def run_job(pipe, pair: Pair, variant: Variant, out_dir: Path, scorer=None, scorer_tokenizer=None) -> dict[str, Any]:
-    """Run one (pair, variant), save its two pictures and return its record."""
+def run_job(pipe, pair: Pair, variant: Variant, out_dir: Path, scorer=None, scorer_tokenizer=None,
+            taken: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Run one (pair, variant), save its two pictures and return its record. `taken`: pictures other records
+    point to, which are not written over."""
     from .metrics import clip_in_box, overlaps_inherent, ssim_e, ssim_i
     from .render import save_png
 
@@ -310,6 +330,8 @@ def run_job(pipe, pair: Pair, variant: Variant, out_dir: Path, scorer=None, scor
     result = pipe.edit(edit)
     seconds = time.perf_counter() - t0
     source_path, target_path = image_paths(pair.name, variant.name)
+    if target_path in taken:
+        source_path, target_path = image_paths(pair.name, variant.name, job_digest(edit))
     config = edit.to_dict()
     save_png(result.source, out_dir / source_path, config, pipe.name, "source")
     save_png(result.target, out_dir / target_path, config, pipe.name, "target")
@@ -324,6 +346,7 @@ def run_job(pipe, pair: Pair, variant: Variant, out_dir: Path, scorer=None, scor
         "ssim_i": _number(ssim_i(result.source, result.target, edit)),
         "seconds": round(seconds, 4), "unet_calls": result.info["unet_calls"],
         "notes": result.info.get("notes", []), "source": source_path, "target": target_path,
+        "digest": job_digest(edit),
     }
 
 
@@ -368,7 +391,9 @@ def run_bench(pipe, suite_dir: str | Path, out_dir: str | Path, variants: Sequen
 
     # Everyone reads before anyone writes, so every process computes the same pending list.
     check_out_dir(out_dir, config)
-    done = {(r["pair"], r["variant"]) for r in _all_records(out_dir)}
+    digests, records = _digests(jobs), _all_records(out_dir)
+    done = {(r["pair"], r["variant"]) for r in records if _is_current(r, digests)}
+    taken = frozenset(r.get("target") for r in records)
     pending = [job for job in jobs if (job[0].name, job[1].name) not in done]
     if distributed:
         state.wait_for_everyone()
@@ -383,7 +408,7 @@ def run_bench(pipe, suite_dir: str | Path, out_dir: str | Path, variants: Sequen
     split = state.split_between_processes(pending) if distributed else nullcontext(pending)
     with split as mine:
         for n, (pair, variant) in enumerate(mine, 1):
-            record = run_job(pipe, pair, variant, out_dir, scorer, scorer_tokenizer)
+            record = run_job(pipe, pair, variant, out_dir, scorer, scorer_tokenizer, taken)
             append_record(records_path, record)
             clip = "n/a" if record["clip"] is None else f"{record['clip']:.2f}"
             log(f"{prefix}[{n}/{len(mine)}] {pair.name} {variant.name}: CLIP {clip}, SSIM-e {_fmt(record['ssim_e'], 4)}, "
@@ -397,14 +422,16 @@ def run_bench(pipe, suite_dir: str | Path, out_dir: str | Path, variants: Sequen
 
 
 def finish(out_dir: Path, jobs: Sequence[tuple[Pair, Variant]], config: dict[str, Any]) -> dict[str, Any]:
-    """Merge the rank files into records.jsonl, then write results.json, results.md and the contact sheets."""
+    """Merge the rank files into records.jsonl, then write results.json, results.md and the contact sheets from the
+    records of these jobs as they are now (`job_digest`); records of other jobs or older settings stay in the file."""
     order = {(pair.name, variant.name): i for i, (pair, variant) in enumerate(jobs)}
+    digests = _digests(jobs)
     records = _all_records(out_dir)
-    records.sort(key=lambda r: order.get((r["pair"], r["variant"]), len(order)))
+    records.sort(key=lambda r: (not _is_current(r, digests), order.get((r["pair"], r["variant"]), len(order))))
     _write_text(out_dir / RECORDS, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
     for path in _rank_files(out_dir):
         path.unlink()
-    current = [r for r in records if (r["pair"], r["variant"]) in order]
+    current = [r for r in records if _is_current(r, digests)]
     from .metrics import overlaps_inherent
 
     pair_of = {pair.name: pair for pair, _ in jobs}
