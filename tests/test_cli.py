@@ -113,10 +113,11 @@ def test_import_webui(capsys, tmp_path):
 def test_edit_explain_writes_keywords_and_masks(capsys, tmp_path, edit_file, tiny_model_dir):
     code, out, err = run(capsys, "edit", edit_file, "-o", tmp_path / "x", "--model", tiny_model_dir,
                          "--method", "mrgd", "--steps", "12", "--keywords", "2", "--guidance-every", "4", "--explain",
-                         "--keyword-entropy", "histogram")
+                         "--keyword-entropy", "histogram", "--guidance-precision", "bfloat16")
     assert code == 0, err
     for name in ("keywords.json", "keywords.png", "masks.png", "metrics.png"):
         assert (tmp_path / "x" / name).exists(), name
+    assert json.loads((tmp_path / "x" / "info.json").read_text())["guidance_precision"] == "bfloat16"
     keywords = json.loads((tmp_path / "x" / "keywords.json").read_text())
     assert set(keywords) == {"source", "target"}
     words = {w["word"] for regions in keywords.values() for chosen in regions.values() for w in chosen}

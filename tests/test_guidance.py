@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import THREE_REGION_EDIT
 from mrgd.ddim import ddim_restep, ddim_step
@@ -201,6 +202,37 @@ def test_guidance_decoder_choices_and_bad_folders(tiny_components, tmp_path):
     (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     with pytest.raises(InputError, match="not an AutoencoderTiny"):
         pipe.guidance_decoder(str(tmp_path / "unet"))
+
+
+def test_guidance_precision_autocasts_the_vae_decode_to_bfloat16_where_it_pays(tiny_components, monkeypatch):
+    """auto: bfloat16 for a float32 VAE on a device with native bf16, the decoder's own dtype otherwise (and for
+    tiny decoders); the bf16 decode's gradient keeps the float32 one's direction but is not the same numbers."""
+    import mrgd.pipeline
+    from mrgd.pipeline import MRGDPipeline
+
+    pipe = MRGDPipeline(**tiny_components, guidance_vae=_tiny_decoder())
+    for native, name, expected in ((True, "vae", "bfloat16"), (False, "vae", "decoder"), (True, "tiny", "decoder")):
+        monkeypatch.setattr(mrgd.pipeline, "_bfloat16_native", lambda device, native=native: native)
+        assert pipe._guidance_precision(name, "auto") == expected
+        assert pipe._guidance_precision(name, "decoder") == "decoder"
+    torch.manual_seed(0)
+    z, weights = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 64, 64)
+    grads = {}
+    for precision in ("decoder", "bfloat16"):
+        _, decode = pipe.guidance_decoder("full", precision)
+        x = z.clone().requires_grad_()
+        image = decode(x)
+        assert image.dtype == torch.float32
+        (grads[precision],) = torch.autograd.grad((image * weights).sum(), [x])
+    cosine = F.cosine_similarity(grads["decoder"].flatten(), grads["bfloat16"].flatten(), dim=0)
+    assert cosine > 0.99 and not torch.equal(grads["decoder"], grads["bfloat16"])
+
+
+def test_an_edit_reports_its_guidance_precision(tiny_guided_pipe):
+    edit = _edit(method="mrgd", kssa=False, keywords=0, guidance_precision="bfloat16")
+    assert tiny_guided_pipe.edit(edit).info["guidance_precision"] == "bfloat16"
+    papers = _edit(method="mrgd", kssa=False, keywords=0, **PAPERS_RULES)
+    assert tiny_guided_pipe.edit(papers).info["guidance_precision"] == "decoder"
 
 
 def test_guidance_window_and_vision_shared_across_queries(tiny_guided_pipe):

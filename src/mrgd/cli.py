@@ -288,6 +288,9 @@ def edit(
     guidance_vae: Annotated[Optional[str], typer.Option(
         "--guidance-vae", help="decoder guidance sees x̂0 through: auto (default: the model's tiny decoder when it "
         "ships one, else its VAE) | full | tiny | an AutoencoderTiny folder (TAESD)")] = None,
+    guidance_precision: Annotated[Optional[str], typer.Option(
+        "--guidance-precision", help="the VAE's guided decode: auto (default: bfloat16 where the device computes it "
+        "natively) | decoder (the VAE's own dtype) | bfloat16")] = None,
     guidance_size: Annotated[Optional[int], typer.Option("--guidance-size", help="the guidance model's input side in pixels")] = None,
     guidance_model: Annotated[Optional[str], typer.Option("--guidance-model", help="CLIPSeg folder or hub id")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="also write keywords.json/.png, masks.png, metrics.png")] = False,
@@ -310,7 +313,7 @@ def edit(
     _require_changes(the_edit, edit_file)
     switches = {"keywords": keywords, "keyword_entropy": keyword_entropy, "lambda_rs": lambda_rs, "lambda_is": lambda_is, "lambda_ip": lambda_ip,
                 "guidance_every": guidance_every, "guidance_until": guidance_until, "guidance_vae": guidance_vae,
-                "guidance_size": guidance_size, "kssa": False if no_kssa else None,
+                "guidance_precision": guidance_precision, "guidance_size": guidance_size, "kssa": False if no_kssa else None,
                 "use_total": False if no_total else None, "guidance": False if no_guidance else None}
     switches = {k: v for k, v in switches.items() if v is not None}
     if switches:

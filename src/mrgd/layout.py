@@ -160,6 +160,13 @@ class Settings(_Model):
     # tuning suites (161 pairs) the embedded family's tiny decoder stayed within 0.5 CLIP and 0.005 SSIM of its VAE
     # per task, at 0.85x the edit's time (benchmarks/results/tuning-tiny-decoder.md).
     guidance_vae: str = Field("auto", min_length=1)
+    # The precision of the VAE's guided decode and its backward pass (ours; §6 runs it in the VAE's dtype): "auto"
+    # is bfloat16 autocast where the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX) and
+    # the VAE's weights are float32 (SD's VAE is kept in float32 beside a float16 UNet), else "decoder", the decoder's
+    # own dtype. bfloat16 has float32's range, so it does not overflow where float16 does (why SD's VAE is upcast).
+    # Φ stays in float32: it is a small part of the cost and its gradient keeps less of its direction in bfloat16.
+    # Tiny decoders cost little and are left as they are unless "bfloat16" is asked for.
+    guidance_precision: Literal["auto", "decoder", "bfloat16"] = "auto"
     # Guidance's VAE decode recomputes its blocks in the backward pass instead of keeping them (ours): SD 1.5 at 512²
     # peaked at 1.63x the plain pair's memory with them kept (benchmarks/results/speed.md); it costs ~3 % of an edit's
     # time there and ~7 % on the embedded model at 128², where memory is no concern. None: from 512² pixels up.
@@ -238,7 +245,8 @@ class Settings(_Model):
 PAPERS_RULES: dict[str, Any] = {"ip_step": "epsilon", "ip_pixels": True, "edited_on_top": (), "total_clears_removed": False,
                                 "total_clears_edited": (), "total_within": "canvas", "own_attention_in": (),
                                 "removal_margin": 0.0, "rs_regions": "all", "guidance_max_step": None,
-                                "guidance_every": 1, "ip_reach": "image", "guidance_vae": "full"}
+                                "guidance_every": 1, "ip_reach": "image", "guidance_vae": "full",
+                                "guidance_precision": "decoder"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

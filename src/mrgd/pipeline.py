@@ -388,8 +388,9 @@ class MRGDPipeline:
         native = self.guidance_size or self.guidance_model.config.vision_config.image_size
         segmenter = Segmenter(self.guidance_model, self.guidance_tokenizer,
                               settings.guidance_size or min(native, max(edit.size)))
-        name, decode = self.guidance_decoder(settings.guidance_vae)
+        name, decode = self.guidance_decoder(settings.guidance_vae, settings.guidance_precision)
         info["guidance_decoder"] = name
+        info["guidance_precision"] = self._guidance_precision(name, settings.guidance_precision)
         checkpoint = settings.guidance_checkpoint
         if checkpoint is None:
             checkpoint = edit.size[0] * edit.size[1] >= CHECKPOINT_FROM_PIXELS
@@ -397,24 +398,44 @@ class MRGDPipeline:
                                            and getattr(self.vae, "_supports_gradient_checkpointing", False))
         return Guide.for_edit(edit, plans, segmenter, self.latent_factor, decode)
 
-    def guidance_decoder(self, choice: str = "auto") -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    def guidance_decoder(self, choice: str = "auto", precision: str = "decoder"
+                         ) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
         """What guidance sees x̂0 through (method.md §6 decodes with the VAE; a tiny decoder costs a fraction):
-        (its name, latents -> [-1, 1] float images, differentiable). `choice` is `Settings.guidance_vae`."""
+        (its name, latents -> [-1, 1] float images, differentiable). `choice` is `Settings.guidance_vae`,
+        `precision` `Settings.guidance_precision`."""
         if choice == "full" or (choice == "auto" and self.guidance_vae is None):
-            return "vae", lambda z: self.decode_tensor(z).float()
-        if choice in ("auto", "tiny"):
-            if self.guidance_vae is None:
-                raise InputError("mrgd.guidance_vae: 'tiny' asked for, but this model has no tiny decoder; "
-                                 "pass --guidance-vae FOLDER (an AutoencoderTiny such as madebyollin/taesd) or 'full'")
-            tiny, name = self.guidance_vae, "tiny"
+            name, decode = "vae", lambda z: self.decode_tensor(z).float()
         else:
-            from .models import load_tiny_decoder
+            if choice in ("auto", "tiny"):
+                if self.guidance_vae is None:
+                    raise InputError("mrgd.guidance_vae: 'tiny' asked for, but this model has no tiny decoder; pass "
+                                     "--guidance-vae FOLDER (an AutoencoderTiny such as madebyollin/taesd) or 'full'")
+                tiny, name = self.guidance_vae, "tiny"
+            else:
+                from .models import load_tiny_decoder
 
-            if choice not in self._tiny_decoders:
-                self._tiny_decoders[choice] = load_tiny_decoder(choice, self.device, self.dtype)
-            tiny, name = self._tiny_decoders[choice], choice
-        # AutoencoderTiny decodes the latents the UNet sees (its scaling factor is 1 for the TAESD family)
-        return name, lambda z: tiny.decode((z / tiny.config.scaling_factor).to(tiny.dtype)).sample.float()
+                if choice not in self._tiny_decoders:
+                    self._tiny_decoders[choice] = load_tiny_decoder(choice, self.device, self.dtype)
+                tiny, name = self._tiny_decoders[choice], choice
+            # AutoencoderTiny decodes the latents the UNet sees (its scaling factor is 1 for the TAESD family)
+            def decode(z, tiny=tiny):
+                return tiny.decode((z / tiny.config.scaling_factor).to(tiny.dtype)).sample.float()
+        if self._guidance_precision(name, precision) == "decoder":
+            return name, decode
+        device_type = self.device.type
+
+        def decode_bf16(z):
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                return decode(z).float()
+
+        return name, decode_bf16
+
+    def _guidance_precision(self, name: str, precision: str) -> str:
+        """`Settings.guidance_precision` resolved: "bfloat16" or "decoder" (see there)."""
+        if precision != "auto":
+            return precision
+        native = _bfloat16_native(self.device)
+        return "bfloat16" if name == "vae" and native and self.vae.dtype == torch.float32 else "decoder"
 
     def _job(self, image: int, plan: RegionPlan, encoded, null_embeds, step: int) -> Job:
         cond, uncond = encoded[(image, plan.key)]
@@ -599,6 +620,15 @@ class MRGDPipeline:
             "seconds": timer.seconds, "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                                                    "transformers": transformers.__version__},
         }
+
+
+def _bfloat16_native(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware (where autocast to it pays rather than costs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
