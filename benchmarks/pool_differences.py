@@ -4,21 +4,24 @@ each pair counts once, whichever suite it comes from.
     python benchmarks/pool_differences.py --reference mrgd-guidance_max_step1.0 \
         --variant mrgd-guidance_every2-guidance_max_step1.0 runs/tune60-c runs/s61-c runs/attr40 [--out F.md]
 
-Folders are bench work folders (`records.jsonl`); variants are the record names (`compare_settings.py` writes
-them). Prints a Markdown table (`mrgd.bench.paired_differences`: mean difference [95% bootstrap interval]).
+Folders are bench work folders (their `results.json`: the records of the last run's settings, not older ones kept
+in `records.jsonl`); variants are the record names (`compare_settings.py` writes them). Prints a Markdown table (`mrgd.bench.paired_differences`: mean difference [95% bootstrap interval]).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from mrgd.bench import RECORDS, difference_table, paired_differences, read_records
+from mrgd.bench import difference_table, paired_differences
+
+RESULTS = "results.json"
 
 
 def pooled_table(folders: list[Path], reference: str, variants: list[str]) -> str:
-    records = [{**r, "pair": f"{folder}/{r['pair']}"} for folder in folders for r in read_records(folder / RECORDS)
-               if r["variant"] in (reference, *variants)]
+    records = [{**r, "pair": f"{folder}/{r['pair']}"} for folder in folders
+               for r in json.loads((folder / RESULTS).read_text())["records"] if r["variant"] in (reference, *variants)]
 
     lines = [f"Minus `{reference}`, pairs pooled over {', '.join(map(str, folders))}:", "",
              *difference_table(paired_differences(records, reference))]
@@ -33,8 +36,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     for folder in args.folders:
-        if not (folder / RECORDS).exists():
-            raise SystemExit(f"{folder}: no {RECORDS}; give bench work folders")
+        if not (folder / RESULTS).exists():
+            raise SystemExit(f"{folder}: no {RESULTS}; give bench work folders of finished runs")
     table = pooled_table(args.folders, args.reference, args.variants)
     print(table, end="")
     if args.out:
