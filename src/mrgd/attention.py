@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .runtime import device_constant
+
 
 # ---------------------------------------------------------------- schedules (pure)
 
@@ -211,7 +213,7 @@ class ControlledAttnProcessor:
             self._remember_kssa_pixels(logits)
         probs = logits.softmax(dim=-1)
         if self.is_cross and self._records():
-            state.recorder(self.name, self.level, probs[state.record_rows])
+            state.recorder(self.name, self.level, probs[device_constant(tuple(state.record_rows), probs.device)])
             state.fired["record", self.level] += len(state.record_rows)
         if follows:
             probs = probs.clone()
@@ -249,9 +251,8 @@ class ControlledAttnProcessor:
         for row in state.kssa_rows:
             tokens = state.kssa_tokens[row]
             score = logits[row][..., tokens].sum(dim=(0, 2))  # over heads and keyword columns -> [N]
-            top = torch.zeros_like(score, dtype=torch.bool)
-            top[score.topk(max(1, score.numel() // 2)).indices] = True
-            picked.append(top)
+            top = score.topk(max(1, score.numel() // 2)).indices
+            picked.append(torch.zeros_like(score, dtype=torch.bool).scatter_(0, top, True))
         state._kssa_pixels[self.level] = torch.stack(picked)
         state.fired["kssa_pick", self.level] += len(picked)
 
@@ -264,7 +265,7 @@ class ControlledAttnProcessor:
             return key
         factor = torch.ones(key.shape[0], 1, key.shape[2], 1, dtype=key.dtype, device=key.device)
         # arithmetic rather than boolean indexing, which would wait for the GPU to count the pixels
-        rows = torch.tensor(state.kssa_rows, device=key.device)
+        rows = device_constant(tuple(state.kssa_rows), key.device)
         factor[rows, 0, :, 0] = 1 + (state.kssa_scale - 1) * pixels.to(key.dtype)
         state.fired["kssa_scale", self.level] += len(state.kssa_rows)
         return key * factor
