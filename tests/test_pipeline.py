@@ -47,6 +47,23 @@ def test_same_seed_same_pixels_and_seed_matters(tiny_pipe):
     assert not np.array_equal(np.asarray(a.source), np.asarray(c.source))
 
 
+def test_the_unet_gets_its_timestep_as_a_tensor_made_once_on_the_device(tiny_pipe):
+    """A Python int timestep becomes a new tensor copied to the GPU inside every UNet call (a host-device wait per
+    call); the loop hands the UNet one made once, equal to what diffusers would make of the int."""
+    from mrgd.runtime import device_constant
+
+    seen = []
+    handle = tiny_pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    try:
+        tiny_pipe.edit(_edit())
+    finally:
+        handle.remove()
+    assert seen and all(torch.is_tensor(t) and t.dtype == torch.long and t.device == tiny_pipe.device for t in seen)
+    first = seen[0]
+    assert first is device_constant((int(first),), tiny_pipe.device)  # the same tensor at every call of that step
+    assert list(dict.fromkeys(int(t) for t in seen)) == [int(t) for t in tiny_pipe.scheduler.timesteps]
+
+
 def test_source_is_never_changed_by_control(tiny_pipe):
     """S is denoised the same with and without attention control (only T rows are edited)."""
     p2p = tiny_pipe.edit(_edit())

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .runtime import device_constant
+
 
 # ---------------------------------------------------------------- schedules (pure)
 
@@ -193,25 +195,25 @@ class ControlledAttnProcessor:
 
     def _attend(self, attn, query, key, value, mask):
         state = self.state
+        scale = attn.scale if hasattr(attn, "scale") else 1 / math.sqrt(query.shape[-1])
         if self.is_cross:
             follows = [f for f in state.follows if f.cross_alpha > 0]
-            explicit = bool(follows) or self._records() or self._kssa_source()
+            explicit = bool(follows) or self._records()
+            if self._kssa_source():
+                self._remember_kssa_pixels(query, key, mask, scale)
         else:
             follows = [f for f in state.follows if f.self_replace] if self.level in state.low_levels else []
             explicit = bool(follows)
             key = self._kssa_keys(key)
         if not explicit:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        scale = attn.scale if hasattr(attn, "scale") else 1 / math.sqrt(query.shape[-1])
         # explicit maps in fp32: half-precision logits overflow in some models (SD 2.x asks for upcast_attention)
         logits = (query @ key.transpose(-1, -2)).float() * scale
         if mask is not None:
             logits = logits + mask
-        if self.is_cross and self._kssa_source():
-            self._remember_kssa_pixels(logits)
         probs = logits.softmax(dim=-1)
         if self.is_cross and self._records():
-            state.recorder(self.name, self.level, probs[state.record_rows])
+            state.recorder(self.name, self.level, probs[device_constant(tuple(state.record_rows), probs.device)])
             state.fired["record", self.level] += len(state.record_rows)
         if follows:
             probs = probs.clone()
@@ -243,15 +245,21 @@ class ControlledAttnProcessor:
     def _kssa_source(self) -> bool:
         return bool(self.state.kssa_rows) and self.in_down and self.level in self.state.kssa_levels
 
-    def _remember_kssa_pixels(self, logits: torch.Tensor) -> None:
+    def _remember_kssa_pixels(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                              scale: float) -> None:
+        """KSSA's pixels from the keyword columns of its rows' logits alone: the layer's output stays SDPA's, rather
+        than every row's maps made explicit for a few columns of one or two rows (at SD's 64x64 level, 4096 x 77
+        logits per head and row)."""
         state = self.state
         picked = []
         for row in state.kssa_rows:
             tokens = state.kssa_tokens[row]
-            score = logits[row][..., tokens].sum(dim=(0, 2))  # over heads and keyword columns -> [N]
-            top = torch.zeros_like(score, dtype=torch.bool)
-            top[score.topk(max(1, score.numel() // 2)).indices] = True
-            picked.append(top)
+            logits = (query[row] @ key[row][:, tokens].transpose(-1, -2)).float() * scale  # [heads, N, keywords]
+            if mask is not None:
+                logits = logits + mask[row][..., tokens]
+            score = logits.sum(dim=(0, 2))  # over heads and keyword columns -> [N]
+            top = score.topk(max(1, score.numel() // 2)).indices
+            picked.append(torch.zeros_like(score, dtype=torch.bool).scatter_(0, top, True))
         state._kssa_pixels[self.level] = torch.stack(picked)
         state.fired["kssa_pick", self.level] += len(picked)
 
@@ -264,7 +272,7 @@ class ControlledAttnProcessor:
             return key
         factor = torch.ones(key.shape[0], 1, key.shape[2], 1, dtype=key.dtype, device=key.device)
         # arithmetic rather than boolean indexing, which would wait for the GPU to count the pixels
-        rows = torch.tensor(state.kssa_rows, device=key.device)
+        rows = device_constant(tuple(state.kssa_rows), key.device)
         factor[rows, 0, :, 0] = 1 + (state.kssa_scale - 1) * pixels.to(key.dtype)
         state.fired["kssa_scale", self.level] += len(state.kssa_rows)
         return key * factor

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .runtime import device_constant
 
 
 @dataclass
@@ -76,8 +77,8 @@ class StableDiffusionXLFamily:
             raise ValueError("an SDXL UNet call needs a pooled text embedding for every row")
         text_embeds = torch.cat(pooled)
         height, width = canvas
-        time_ids = torch.tensor([[height, width, top, left, height, width] for top, left in offsets],
-                                dtype=text_embeds.dtype, device=text_embeds.device)
+        time_ids = device_constant(tuple((height, width, top, left, height, width) for top, left in offsets),
+                                   text_embeds.device, text_embeds.dtype)
         return {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
 
 

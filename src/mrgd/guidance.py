@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .fusion import LatentBox, feather_mask, grow_box
+from .runtime import device_constant
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -108,8 +109,9 @@ def limit_step(grad: torch.Tensor, alpha: torch.Tensor | float, max_step: float 
     step at k = 3-9, as much as x̂0's own RMS (~1.7). None: no limit."""
     if max_step is None:
         return grad
-    alpha = torch.as_tensor(alpha, dtype=torch.float32, device=grad.device)
-    rms = (1 - alpha) / alpha.sqrt() * grad.float().pow(2).mean().sqrt()
+    alpha = torch.as_tensor(alpha, dtype=torch.float32, device="cpu")  # the scheduler's table lives on the CPU
+    factor = ((1 - alpha) / alpha.sqrt()).item()  # a float32 value, passed to the device with the kernel
+    rms = factor * grad.float().pow(2).mean().sqrt()
     return grad * (max_step / rms.clamp_min(max_step)).to(grad.dtype)  # on the device: no host sync
 
 
@@ -332,11 +334,12 @@ class Guide:
                     maps[i] = self.segmenter(images[i], self.texts(i), self.hw)
         self.last_maps = {**(self.last_maps or {}), **{i: m.detach() for i, m in maps.items()}}  # to the host after the run
         rs = sum(region_specific_loss(maps[i][keep], self._mask(("boxes-S", "boxes-T")[i], maps[i])[keep])
-                 for i in seen for keep in [self._rs_rows(i)])
+                 for i in seen for keep in [device_constant(tuple(self._rs_rows(i)), maps[i].device)])
         if len(seen) == 2:
             index = {i: [key for key, _ in self.regions[i]] for i in (SOURCE, TARGET)}
             pick = {i: [index[i].index(key) for key in self.common] for i in (SOURCE, TARGET)}
-            is_ = infonce_loss(maps[SOURCE][pick[SOURCE]], maps[TARGET][pick[TARGET]])
+            rows = {i: device_constant(tuple(pick[i]), maps[i].device) for i in (SOURCE, TARGET)}
+            is_ = infonce_loss(maps[SOURCE][rows[SOURCE]], maps[TARGET][rows[TARGET]])
         else:
             is_ = x0[TARGET].new_zeros(())
         latent_mask = self._mask("latent", x0[TARGET])
@@ -391,8 +394,16 @@ class Guide:
 
     @staticmethod
     def finish(info) -> None:
-        """After the loop: the logged losses as numbers, and a note for every step whose gradient was not finite."""
-        for entry in info.get("guidance_losses", []):
-            if not bool(entry.pop("finite", True)):
+        """After the loop: the logged losses as numbers (read back in one copy), and a note for every step whose
+        gradient was not finite."""
+        entries = info.get("guidance_losses", [])
+        if not entries:
+            return
+        keys = [k for k in entries[0] if k != "step"]
+        tensors = [torch.as_tensor(e[k]) for e in entries for k in keys]
+        device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+        values = iter(torch.stack([t.to(device, torch.float64) for t in tensors]).tolist())
+        for entry in entries:
+            entry.update({k: next(values) for k in keys})
+            if not entry.pop("finite", 1.0):
                 info.setdefault("notes", []).append(f"step {entry['step']}: guidance gradient not finite; step left unguided")
-            entry.update({k: float(v) for k, v in entry.items() if k != "step"})

@@ -30,6 +30,7 @@ from .keywords import KeywordTracker, word_positions
 from .errors import InputError
 from .layout import Edit, Layout, LayoutRegion, Settings
 from .prompts import EncodedPrompt, PromptEncoder
+from .runtime import device_constant
 
 SOURCE, TARGET = 0, 1
 TOTAL, CANVAS = "__total__", "__canvas__"  # keys of the derived regions r_total and the uncovered-pixel fallback
@@ -480,7 +481,8 @@ class MRGDPipeline:
                                           [windows[i] for i in indices], tuple(batch.shape[-2:]))
             self._prepare_call(state, group, len(group) if cfg else 0, tracker)
             model_in = torch.cat([batch, batch]) if cfg else batch
-            out = self.unet(model_in, t, encoder_hidden_states=torch.cat([r.embeds for r in rows]), **extra).sample
+            # the timestep as the tensor diffusers would make of it, on the device once rather than per call
+            out = self.unet(model_in, device_constant((t,), self.device), encoder_hidden_states=torch.cat([r.embeds for r in rows]), **extra).sample
             info["unet_calls"] += 1
             info["unet_batch_sizes"].append(model_in.shape[0])
             # the UNet's work grows with rows × latent pixels: what region fusion costs against a plain pass
@@ -510,7 +512,7 @@ class MRGDPipeline:
                 positions = tracker.positions(image)
                 if positions:
                     state.kssa_rows.append(row)
-                    state.kssa_tokens[row] = torch.tensor(positions, device=self.device)
+                    state.kssa_tokens[row] = device_constant(tuple(positions), self.device)
 
     def _keyword_tracker(self, edit: Edit, plans, encoded, images):
         """Keyword selection of method `mrgd` (§4), or None when off (no r_total, every N_k = 0, other method)."""

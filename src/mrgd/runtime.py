@@ -1,4 +1,5 @@
-"""Process-wide settings the command line applies at its edge: how much the libraries say, and determinism.
+"""Process-wide settings the command line applies at its edge: how much the libraries say, and determinism; and
+the constants a run keeps on its device.
 
 The libraries under mrgd talk on stderr: logging warnings (transformers' torchvision fallbacks, diffusers' "modules
 that should be kept in float32"), loading bars, Python warnings (deprecations). A command prints our lines only;
@@ -15,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 # Read by the libraries when they are imported, which happens lazily, inside a command.
 _QUIET_ENV = {
@@ -103,3 +105,13 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         torch.use_deterministic_algorithms(saved[1])
         torch.backends.cudnn.benchmark = saved[2]
+
+
+@lru_cache(maxsize=512)
+def device_constant(values: tuple, device, dtype=None):
+    """`torch.tensor(values)` on `device`, made once per process: indices (long) by default. A tensor made from Python
+    values for a CUDA op is copied to the GPU at every call, and each such copy waits for the GPU to catch up (the
+    UNet's timestep, rows picked by index, SDXL's time ids). Shared: not to be written to."""
+    import torch
+
+    return torch.tensor(values, dtype=dtype or torch.long, device=device)
