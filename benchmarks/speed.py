@@ -19,8 +19,10 @@ Seconds are wall-clock on CUDA; on a CPU they are the process's CPU time (`--clo
 other jobs on a shared machine do not inflate; run with OMP_NUM_THREADS=1 for ratios that compare compute alone.
 `--clock wall` measures wall-clock time on a CPU too. Both are recorded.
 
-On CUDA every row is warmed up first with 2 steps of the same shapes (kernel selection; compilation with
-`--compile`), whose seconds are the "warm-up s" column. `benchmarks/gpu.sh` runs the GPU set in one go.
+Every row is warmed up first, untimed, with the same shapes: on the embedded model the same edit, on CUDA 2 steps
+(kernel selection; compilation with `--compile`), on a CPU with a full-size model 1 step (oneDNN's kernels for each
+new crop shape, the allocator's growth: without it the first method after the plain pair paid them, p2p's UNet phase
+at SD 1.5 256² 94 s against mrgd's 63-68 s for the same work). Their seconds are the "warm-up s" column. `benchmarks/gpu.sh` runs the GPU set in one go.
 
 Writes <out>.json and <out>.md (one table per architecture, size, device and dtype; a run replaces the tables it
 measured, row by row as it goes, and keeps the others).
@@ -156,9 +158,9 @@ def measure_row(arch: str, args, device: torch.device, dtype: torch.dtype, text:
 
     pipe, _, edit = _setup(arch, args, device, dtype)
     size, steps = edit.size[0], edit.steps
-    # the embedded model is small enough to warm up with the same work; on CUDA 2 steps of the same shapes do
-    # (the full-size ones take minutes per run on a CPU: no warm-up there)
-    warm_steps = steps if arch == "embedded" else 2 if device.type == "cuda" else None
+    # the embedded model is small enough to warm up with the same work; on CUDA 2 steps of the same shapes do, on a
+    # CPU one step (a full-size edit takes minutes there)
+    warm_steps = steps if arch == "embedded" else 2 if device.type == "cuda" else 1
     total_before = PeakMemory._rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     if text == PLAIN:
         plain = diffusers_pipeline(pipe)

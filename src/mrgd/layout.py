@@ -165,7 +165,9 @@ class Settings(_Model):
     # the VAE's weights are float32 (SD's VAE is kept in float32 beside a float16 UNet), else "decoder", the decoder's
     # own dtype. bfloat16 has float32's range, so it does not overflow where float16 does (why SD's VAE is upcast).
     # Φ stays in float32: it is a small part of the cost and its gradient keeps less of its direction in bfloat16.
-    # Tiny decoders cost little and are left as they are unless "bfloat16" is asked for.
+    # Tiny decoders cost little and are left as they are unless "bfloat16" is asked for. On the tuning suites (161
+    # pairs, full VAE) bfloat16 minus float32 was CLIP +1.18 / −0.10 / +0.25, SSIM-e +0.005 / +0.000 / +0.001 (add /
+    # remove / attribute), of the order of float rounding alone (benchmarks/results/tuning-guidance-precision.md).
     guidance_precision: Literal["auto", "decoder", "bfloat16"] = "auto"
     # Guidance's VAE decode recomputes its blocks in the backward pass instead of keeping them (ours): SD 1.5 at 512²
     # peaked at 1.63x the plain pair's memory with them kept (benchmarks/results/speed.md); it costs ~3 % of an edit's
