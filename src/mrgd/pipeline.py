@@ -628,8 +628,9 @@ def _bfloat16_native(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 in hardware (where autocast to it pays rather than costs)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if device.type == "cpu":  # torch's own checks (private: a torch without them reads as no)
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(check() for check in checks if check is not None)
     return False
 
 
