@@ -67,12 +67,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--edit", default=str(ROOT / "examples" / "three_regions.json"))
     parser.add_argument("--dtypes", default="float32,float16,bfloat16")
+    parser.add_argument("--guidance-vae", default="auto", help="full: guidance through the VAE (bf16 autocast where "
+                        "the GPU has bf16: its deterministic kernels and pixels)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cuda-check"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("cuda_check.py: no CUDA device; run it on a machine with one")
     edit = Edit.load(args.edit)
-    edit = Edit.from_dict({**edit.to_dict(), "mrgd": {**edit.mrgd.model_dump(), "method": "mrgd"}})
+    edit = Edit.from_dict({**edit.to_dict(),
+                           "mrgd": {**edit.mrgd.model_dump(), "method": "mrgd", "guidance_vae": args.guidance_vae}})
     reference = pixels(load_pipeline(str(DEFAULT_MODEL), device="cpu", dtype=torch.float32).edit(edit))
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "edit": args.edit, "dtypes": {}}
     for name in args.dtypes.split(","):
@@ -103,7 +106,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# The CUDA path on the embedded model ({report['gpu']}, torch {report['torch']})", "",
-             f"`python benchmarks/cuda_check.py --dtypes {args.dtypes}`: one `mrgd` edit of `examples/three_regions.json` per dtype against "
+             f"`python benchmarks/cuda_check.py --dtypes {args.dtypes} --guidance-vae {args.guidance_vae}`: one `mrgd` edit of `examples/three_regions.json` per dtype against "
              "the CPU's float32 pixels (source and target, 0-255).", "",
              "| dtype | mean abs vs CPU | max abs | share > 8 | repeat same pixels | deterministic same pixels | s/edit |",
              "|---|---|---|---|---|---|---|"]

@@ -5,7 +5,8 @@
 #
 # Runs, most important first, each under its own time limit and all within SECONDS (default 520): one edit per
 # method at 512² on SD 1.5's architecture (fp16, then bf16) and at 1024² on SDXL's (fp16), against the plain
-# diffusers pipeline (speed.py); the CUDA path's pixels, repeatability and syncs (cuda_check.py); GPU memory over 50
+# diffusers pipeline (speed.py); the CUDA path's pixels, repeatability and syncs (cuda_check.py; again with guidance
+# through the VAE, in bf16 there); GPU memory over 50
 # edits (memory.py); the embedded model's speed; seconds per inversion; torch.compile of the UNet's blocks. Results go to
 # benchmarks/results (speed.* gain CUDA tables beside the CPU ones); with RESULTS_ARCHIVE they are also packed
 # there after every step, so a run cut short keeps what it finished.
@@ -41,6 +42,7 @@ step 100 python3 benchmarks/speed.py --arch sd15 --size 512 --steps 20 --methods
 step 45 python3 benchmarks/speed.py --arch sd15 --size 512 --steps 20 --dtype bfloat16 --methods "p2p;mrgd"
 step 130 python3 benchmarks/speed.py --arch sdxl --size 1024 --steps 20 --methods "multidiffusion;p2p;mrgd:guidance_vae=full,guidance_precision=decoder;mrgd:guidance_vae=full;mrgd:guidance_vae=tiny"
 step 60 python3 benchmarks/cuda_check.py --dtypes float16,bfloat16
+step 45 python3 benchmarks/cuda_check.py --dtypes float16 --guidance-vae full --out benchmarks/results/cuda-check-vae
 step 60 python3 benchmarks/memory.py --device cuda --steps 5 --out benchmarks/results/memory-cuda
 step 60 python3 benchmarks/speed.py --arch embedded --repeats 3 --methods "$methods"
 step 80 python3 benchmarks/inversion.py --device cuda --n 3 --out benchmarks/results/inversion-cuda
