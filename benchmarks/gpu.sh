@@ -3,13 +3,12 @@
 #
 #     bash benchmarks/gpu.sh [SECONDS] [RESULTS_ARCHIVE]
 #
-# Runs, most important first, each under its own time limit and all within SECONDS (default 520): one edit per
-# method at 512² on SD 1.5's architecture (fp16, then bf16) and at 1024² on SDXL's (fp16), against the plain
-# diffusers pipeline (speed.py); the CUDA path's pixels, repeatability and syncs (cuda_check.py; again with guidance
-# through the VAE, in bf16 there); GPU memory over 50
-# edits (memory.py); the embedded model's speed; seconds per inversion; torch.compile of the UNet's blocks. Results go to
-# benchmarks/results (speed.* gain CUDA tables beside the CPU ones); with RESULTS_ARCHIVE they are also packed
-# there after every step, so a run cut short keeps what it finished.
+# Runs, most important first, each under its own time limit and all within SECONDS (default 520): one edit per method
+# at 512² on SD 1.5's architecture (fp16, then bf16) and at 1024² on SDXL's (fp16), against the plain diffusers
+# pipeline (speed.py); the CUDA path's pixels, repeatability and syncs (cuda_check.py; again with guidance through
+# the VAE, in bf16 there); GPU memory over 50 edits (memory.py); the embedded model's speed; seconds per inversion;
+# torch.compile of the UNet's blocks. Results go to benchmarks/results (speed.* gain CUDA tables beside the CPU
+# ones); with RESULTS_ARCHIVE they are also packed there after every step, so a run cut short keeps what it finished.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
