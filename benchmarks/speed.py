@@ -1,7 +1,7 @@
 """Speed and memory of a 3-region edit per method, as ratios to the plain diffusers pipeline drawing the same pair.
 
     python benchmarks/speed.py [--arch embedded,sd15,sdxl] [--size 256] [--steps 10] [--methods ...]
-                               [--device auto] [--dtype auto] [--repeats 1] [--compile] [--fresh]
+                               [--device auto] [--dtype auto] [--repeats 1] [--rounds 1] [--compile] [--fresh]
                                [--out benchmarks/results/speed]
 
 `--arch embedded` is the shipped shapes-world family; `sd15` and `sdxl` are the full-size architectures with random
@@ -152,7 +152,7 @@ def _sized_edit(arch: str, args) -> Edit:
     return Edit.from_dict({**base.to_dict(), "size": [size, size], "steps": args.steps or base.steps})
 
 
-def measure_row(arch: str, args, device: torch.device, dtype: torch.dtype, text: str) -> dict:
+def measure_row(arch: str, args, device: torch.device, dtype: torch.dtype, text: str, warm_up: bool = True) -> dict:
     """One row: the plain diffusers pair (``text`` = PLAIN) or one method of `parse_method`, timed."""
     from random_models import diffusers_pipeline
 
@@ -160,7 +160,7 @@ def measure_row(arch: str, args, device: torch.device, dtype: torch.dtype, text:
     size, steps = edit.size[0], edit.steps
     # the embedded model is small enough to warm up with the same work; on CUDA 2 steps of the same shapes do, on a
     # CPU one step (a full-size edit takes minutes there)
-    warm_steps = steps if arch == "embedded" else 2 if device.type == "cuda" else 1
+    warm_steps = (steps if arch == "embedded" else 2 if device.type == "cuda" else 1) if warm_up else None
     total_before = PeakMemory._rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     if text == PLAIN:
         plain = diffusers_pipeline(pipe)
@@ -215,13 +215,22 @@ def run_arch(arch: str, args, device: torch.device, dtype: torch.dtype, on_row=N
         load_seconds, edit = None, _sized_edit(arch, args)
         name = str(DEFAULT_MODEL) if arch == "embedded" else f"random {arch}"
         return _report(arch, args, device, dtype, rows, name, load_seconds, edit)
-    rows = {}
-    for text in texts:
-        rows[text] = measure_row(arch, args, device, dtype, text)
-        pipe, load_seconds, edit = _setup(arch, args, device, dtype)
-        report = _report(arch, args, device, dtype, rows, pipe.name, load_seconds, edit)
-        if on_row is not None:
-            on_row(report)
+    # --rounds N: every method once per round, in turn, each row's seconds the median over the rounds: a machine whose
+    # speed drifts during a run (shared CPUs: identical work moved by 10 %) then slows every row alike
+    rows, times = {}, {text: [] for text in texts}
+    for round_ in range(args.rounds):
+        for text in texts:
+            row = measure_row(arch, args, device, dtype, text, warm_up=round_ == 0)
+            times[text].append((row["seconds"], row["wall_seconds"]))
+            if round_:
+                row["warmup_seconds"] = rows[text]["warmup_seconds"]
+            rows[text] = {**row, "seconds": statistics.median(t for t, _ in times[text]),
+                          "wall_seconds": statistics.median(w for _, w in times[text]),
+                          "round_seconds": [t for t, _ in times[text]]}
+            pipe, load_seconds, edit = _setup(arch, args, device, dtype)
+            report = _report(arch, args, device, dtype, rows, pipe.name, load_seconds, edit)
+            if on_row is not None:
+                on_row(report)
     return report
 
 
@@ -235,7 +244,7 @@ def _report(arch, args, device, dtype, rows, name, load_seconds, edit) -> dict:
         row["peak_total_vs_plain"] = round(row["peak_total_mb"] / max(reference["peak_total_mb"], 1), 3)
     return {"arch": arch, "model": name, "size": [size, size], "steps": steps, "device": str(device),
             "dtype": str(dtype).replace("torch.", ""), "clock": args.clock, "threads": args.threads,
-            "fresh_processes": bool(args.fresh), "compiled": bool(args.compile),
+            "fresh_processes": bool(args.fresh), "compiled": bool(args.compile), "rounds": args.rounds,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "load_seconds": None if load_seconds is None else round(load_seconds, 1), "rows": rows}
 
@@ -252,7 +261,8 @@ def markdown(report: dict) -> list[str]:
              f"{report.get('clock', 'wall')} seconds"
              + (f" ({report['gpu']})" if report.get("gpu") else "")
              + (", UNet blocks compiled (`--compile`; warm-up includes compiling)" if report.get("compiled") else "")
-             + (", each row in a fresh process" if report.get("fresh_processes") else ""), "",
+             + (", each row in a fresh process" if report.get("fresh_processes") else "")
+             + (f", median of {report['rounds']} interleaved rounds" if report.get("rounds", 1) > 1 else ""), "",
              "| method | seconds | vs plain pair | UNet pixel-rows vs plain | guidance s | guidance vs p2p time | "
              "peak MB (run) | peak vs plain | peak MB (process) | process peak vs plain | warm-up s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -279,7 +289,9 @@ def main() -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row, back to back (median)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every method once per round, in turn; each row's seconds: the median over rounds")
     parser.add_argument("--fresh", action="store_true",
                         help="run each row in a new process, so its peak memory is its own (loads the model per row)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
@@ -288,6 +300,8 @@ def main() -> None:
                         help="torch.compile the UNet's blocks first (MRGDPipeline.compile); the plain rows use them too")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = parser.parse_args()
+    if args.fresh and args.rounds > 1:
+        parser.error("--rounds takes rows in turn within one process; --fresh gives each row its own: choose one")
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     args.clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
