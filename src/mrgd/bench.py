@@ -329,9 +329,10 @@ def run_job(pipe, pair: Pair, variant: Variant, out_dir: Path, scorer=None, scor
     t0 = time.perf_counter()
     result = pipe.edit(edit)
     seconds = time.perf_counter() - t0
+    digest = job_digest(edit)
     source_path, target_path = image_paths(pair.name, variant.name)
     if target_path in taken:
-        source_path, target_path = image_paths(pair.name, variant.name, job_digest(edit))
+        source_path, target_path = image_paths(pair.name, variant.name, digest)
     config = edit.to_dict()
     save_png(result.source, out_dir / source_path, config, pipe.name, "source")
     save_png(result.target, out_dir / target_path, config, pipe.name, "target")
@@ -346,7 +347,7 @@ def run_job(pipe, pair: Pair, variant: Variant, out_dir: Path, scorer=None, scor
         "ssim_i": _number(ssim_i(result.source, result.target, edit)),
         "seconds": round(seconds, 4), "unet_calls": result.info["unet_calls"],
         "notes": result.info.get("notes", []), "source": source_path, "target": target_path,
-        "digest": job_digest(edit),
+        "digest": digest,
     }
 
 
@@ -418,14 +419,15 @@ def run_bench(pipe, suite_dir: str | Path, out_dir: str | Path, variants: Sequen
         state.wait_for_everyone()
     if not is_main:
         return None
-    return finish(out_dir, jobs, config)
+    return finish(out_dir, jobs, config, digests)
 
 
-def finish(out_dir: Path, jobs: Sequence[tuple[Pair, Variant]], config: dict[str, Any]) -> dict[str, Any]:
+def finish(out_dir: Path, jobs: Sequence[tuple[Pair, Variant]], config: dict[str, Any],
+           digests: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
     """Merge the rank files into records.jsonl, then write results.json, results.md and the contact sheets from the
     records of these jobs as they are now (`job_digest`); records of other jobs or older settings stay in the file."""
     order = {(pair.name, variant.name): i for i, (pair, variant) in enumerate(jobs)}
-    digests = _digests(jobs)
+    digests = digests or _digests(jobs)
     records = _all_records(out_dir)
     records.sort(key=lambda r: (not _is_current(r, digests), order.get((r["pair"], r["variant"]), len(order))))
     _write_text(out_dir / RECORDS, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))

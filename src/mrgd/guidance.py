@@ -140,16 +140,11 @@ def resize(x: torch.Tensor, hw: tuple[int, int], antialias: bool = False) -> tor
     return rows.transpose(0, 1) @ x @ cols
 
 
-@cache
-def _clip_norms(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's mean and std where the pixels are, made once (a host-to-device copy per query waits on the GPU)."""
-    return tuple(torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-
-
 def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     """[-1, 1] images -> CLIP-normalised pixels at Φ's input size (differentiable)."""
     x = resize((images + 1) / 2, (size, size), antialias=True)
-    mean, std = _clip_norms(x.device, x.dtype)
+    # CLIP's mean and std made once where the pixels are (a host-to-device copy per query waits on the GPU)
+    mean, std = (device_constant(v, x.device, x.dtype).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
     return (x - mean) / std
 
 

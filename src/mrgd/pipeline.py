@@ -427,7 +427,7 @@ class MRGDPipeline:
 
         def decode_bf16(z):
             with torch.autocast(device_type, dtype=torch.bfloat16):
-                return decode(z).float()
+                return decode(z)
 
         return name, decode_bf16
 
