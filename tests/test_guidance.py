@@ -228,6 +228,41 @@ def test_guidance_precision_autocasts_the_vae_decode_to_bfloat16_where_it_pays(t
     assert cosine > 0.99 and not torch.equal(grads["decoder"], grads["bfloat16"])
 
 
+def test_steps_before_l_ip_skip_the_source_decode_and_the_second_backward_pass(tiny_guided_pipe):
+    """At a guided step where L_IP weighs 0 (k < 0.15N) and Φ does not read the source, the source is not decoded
+    and L_IP's share has no graph (`_gradients` takes one backward pass); from 0.15N both are back."""
+    from mrgd.pipeline import SOURCE, TARGET
+
+    pipe = tiny_guided_pipe
+    _, full = pipe.guidance_decoder("full")
+    decoded = []
+
+    def decode(z):
+        decoded.append(z.requires_grad)
+        return full(z)
+
+    guide = _guide(pipe, _edit(method="mrgd"), decode)  # the toy region is added: ip_reach "added" confines L_IP
+    assert guide.added
+    torch.manual_seed(0)
+    x0 = {SOURCE: torch.randn(1, 4, 8, 8), TARGET: torch.randn(1, 4, 8, 8).requires_grad_()}
+    guide.loss(decode, x0, 0)
+    assert decoded == [True] and not guide.terms[1].requires_grad
+    decoded.clear()
+    guide.loss(decode, x0, 10)
+    assert decoded == [False, True] and guide.terms[1].requires_grad
+
+
+def test_a_removal_of_the_only_object_guides_nothing_before_l_ip(tiny_guided_pipe):
+    """The target of a removal has no region L_RS pulls (rs_regions "edited"): before L_IP's first step the loss
+    has no gradient at all, and the step is left as fused instead of failing."""
+    data = copy.deepcopy(THREE_REGION_EDIT)
+    data["regions"] = [data["regions"][0], data["regions"][-1]]  # ground, and the rock, removed
+    data["mrgd"] = {"method": "mrgd", "kssa": False, "keywords": 0, "rs_regions": "edited"}
+    result = tiny_guided_pipe.edit(Edit.from_dict(data))
+    first = result.info["guidance_losses"][0]
+    assert first["step"] == 0 and first["total"] == 0 and not result.info.get("notes")
+
+
 def test_an_edit_reports_its_guidance_precision(tiny_guided_pipe):
     edit = _edit(method="mrgd", kssa=False, keywords=0, guidance_precision="bfloat16")
     assert tiny_guided_pipe.edit(edit).info["guidance_precision"] == "bfloat16"

@@ -322,7 +322,11 @@ class Guide:
         images, maps = {}, {}
         last = not any(self.active(k) for k in range(step + 1, self.steps))  # Φ's last maps explain the run
         seen = [i for i in (SOURCE, TARGET) if i in guided or (w.is_ and self.common) or last]
+        # L_IP before its first step (§6: from 0.15N) weighs 0: neither its pixels nor its backward pass are paid
+        holds = w.ip > 0
         for i in (SOURCE, TARGET):
+            if i not in seen and not (holds and self.settings.ip_pixels):
+                continue
             with torch.set_grad_enabled(i in guided and torch.is_grad_enabled()):
                 images[i] = decode(x0[i])
                 if i in seen:
@@ -338,7 +342,9 @@ class Guide:
         else:
             is_ = x0[TARGET].new_zeros(())
         latent_mask = self._mask("latent", x0[TARGET])
-        if self.settings.ip_pixels:
+        if not holds:
+            ip = x0[TARGET].new_zeros(())  # logged as 0 and no gradient: `_gradients` then runs one backward pass
+        elif self.settings.ip_pixels:
             pixel_mask = self._mask("pixel", x0[TARGET], tuple(images[TARGET].shape[-2:]))
             ip = inherent_preservation_loss(images[SOURCE], images[TARGET], x0[SOURCE], x0[TARGET], pixel_mask,
                                             latent_mask)
@@ -357,6 +363,8 @@ class Guide:
         source, which drew the new object back toward the old picture. It costs a second backward pass through the
         decoder, in edits that have such a box."""
         terms, self.terms = self.terms, None  # the graph is not kept past its step
+        if not loss.requires_grad:  # no L_IP yet and no row for L_RS (a removal's target): nothing moves
+            return [torch.zeros_like(x) for x in inputs]
         reach = self.settings.ip_reach
         if reach == "image" or (reach == "added" and not self.added) or terms is None or not terms[1].requires_grad:
             return list(torch.autograd.grad(loss, inputs))
