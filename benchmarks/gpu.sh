@@ -36,10 +36,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, diffusers, transformers, pydantic; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'transformers', transformers.__version__, 'pydantic', pydantic.__version__, torch.cuda.get_device_name())" || exit 1
 
-methods="multidiffusion;p2p;mrgd:guidance_vae=full,guidance_precision=decoder;mrgd:guidance_vae=full;mrgd:guidance_vae=tiny"
+methods="multidiffusion;p2p;mrgd:guidance_vae=full,guidance_precision=decoder;mrgd:guidance_vae=full;mrgd:guidance_vae=tiny;mrgd:guidance_vae=tiny,guidance_picture=vae"
 step 100 python3 benchmarks/speed.py --arch sd15 --size 512 --steps 20 --methods "$methods"
 step 45 python3 benchmarks/speed.py --arch sd15 --size 512 --steps 20 --dtype bfloat16 --methods "p2p;mrgd"
-step 130 python3 benchmarks/speed.py --arch sdxl --size 1024 --steps 20 --methods "multidiffusion;p2p;mrgd:guidance_vae=full,guidance_precision=decoder;mrgd:guidance_vae=full;mrgd:guidance_vae=tiny"
+step 130 python3 benchmarks/speed.py --arch sdxl --size 1024 --steps 20 --methods "multidiffusion;p2p;mrgd:guidance_vae=full,guidance_precision=decoder;mrgd:guidance_vae=full;mrgd:guidance_vae=tiny;mrgd:guidance_vae=tiny,guidance_picture=vae"
 step 60 python3 benchmarks/cuda_check.py --dtypes float16,bfloat16
 step 45 python3 benchmarks/cuda_check.py --dtypes float16 --guidance-vae full --out benchmarks/results/cuda-check-vae
 step 60 python3 benchmarks/memory.py --device cuda --steps 5 --out benchmarks/results/memory-cuda

@@ -189,6 +189,7 @@ def measure_row(arch: str, args, device: torch.device, dtype: torch.dtype, text:
         info = result.info
         row = {"unet_calls": info["unet_calls"], "unet_pixel_rows": info["unet_pixel_rows"],
                "guidance_decoder": info.get("guidance_decoder"), "guidance_precision": info.get("guidance_precision"),
+               "guidance_picture": info.get("guidance_picture"),
                "phases": {k: round(v, 3) for k, v in info["seconds"].items()}}
     row["warmup_seconds"] = None if warm is None else round(warm, 2)
     print(f"{arch} {text}: {seconds:.2f} s", flush=True)
@@ -271,8 +272,10 @@ def markdown(report: dict) -> list[str]:
         guidance = r.get("phases", {}).get("guidance")
         extra = f"{r['seconds'] / p2p:.2f}x" if p2p and name.startswith("mrgd") else ""
         decoder = f" ({r['guidance_decoder']} decoder)" if r.get("guidance_decoder") else ""
+        if r.get("guidance_picture") == "vae":  # the VAE's picture (forward only), the tiny decoder's gradient
+            decoder = decoder.replace(" decoder)", " decoder's gradient, vae picture)")
         if r.get("guidance_precision") == "bfloat16":
-            decoder = decoder.replace(" decoder)", " decoder in bf16)")
+            decoder = decoder.replace(")", " in bf16)")
         lines.append(f"| {name}{decoder} | {r['seconds']:.2f} | {r['vs_plain']:.2f} | {r['pixel_rows_vs_plain']:.2f} | "
                      f"{'' if guidance is None else f'{guidance:.2f}'} | {extra} | {r['peak_mb']} | {r['peak_vs_plain']:.2f} | "
                      f"{r.get('peak_total_mb', '')} | {r.get('peak_total_vs_plain', '')} | "

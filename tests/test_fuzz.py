@@ -513,7 +513,7 @@ VALUES = ["", " ", "-1", "0", "1", "2", "0.5", "nan", "inf", "-inf", "1e309", "9
           "--", "-o", "\u0663", "1_000", "0x10", "True"]
 OPTIONS = {
     "edit": ["--seed", "--steps", "--region-context", "--method", "--keywords", "--keyword-entropy", "--lambda-rs",
-             "--lambda-is", "--lambda-ip", "--guidance-every", "--guidance-precision", "--dtype", "--device",
+             "--lambda-is", "--lambda-ip", "--guidance-every", "--guidance-precision", "--guidance-picture", "--dtype", "--device",
              "--guidance-model", "--prediction-type"],
     "generate": ["--seed", "--steps", "--region-context", "--dtype", "--device"],
     "invert": ["--steps", "--method", "--inner-steps", "--min-psnr", "--region-context"],

@@ -228,6 +228,33 @@ def test_guidance_precision_autocasts_the_vae_decode_to_bfloat16_where_it_pays(t
     assert cosine > 0.99 and not torch.equal(grads["decoder"], grads["bfloat16"])
 
 
+def test_guidance_picture_vae_shows_the_vaes_picture_with_the_tiny_decoders_gradient(tiny_components):
+    """guidance_picture "vae": Φ and L_IP look at the VAE's decode; the gradient is the tiny decoder's (its
+    Jacobian), and a picture that needs no gradient (the unguided source) costs no tiny decode."""
+    from mrgd.pipeline import MRGDPipeline
+
+    pipe = MRGDPipeline(**tiny_components, guidance_vae=_tiny_decoder())
+    assert pipe._guidance_picture("tiny", "decoder") == "decoder" and pipe._guidance_picture("vae", "vae") == "decoder"
+    _, tiny = pipe.guidance_decoder("tiny", "decoder", "decoder")
+    name, seen = pipe.guidance_decoder("tiny", "decoder", "vae")
+    assert name == "tiny"
+    torch.manual_seed(0)
+    z, weights = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 64, 64)
+    x, y = z.clone().requires_grad_(), z.clone().requires_grad_()
+    picture, approx = seen(x), tiny(y)
+    with torch.no_grad():
+        vae_picture = pipe.decode_tensor(z).float()
+    assert torch.allclose(picture, vae_picture, atol=1e-6) and not torch.allclose(picture, approx, atol=1e-3)
+    (through_seen,) = torch.autograd.grad((picture * weights).sum(), [x])
+    (through_tiny,) = torch.autograd.grad((approx * weights).sum(), [y])
+    assert torch.allclose(through_seen, through_tiny, atol=1e-6)
+    calls = []
+    pipe.guidance_vae.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        assert torch.equal(seen(z), picture.detach())
+    assert calls == []
+
+
 def test_steps_before_l_ip_skip_the_source_decode_and_the_second_backward_pass(tiny_guided_pipe):
     """At a guided step where L_IP weighs 0 (k < 0.15N) and Φ does not read the source, the source is not decoded
     and L_IP's share has no graph (`_gradients` takes one backward pass); from 0.15N both are back."""
@@ -268,6 +295,7 @@ def test_an_edit_reports_its_guidance_precision(tiny_guided_pipe):
     assert tiny_guided_pipe.edit(edit).info["guidance_precision"] == "bfloat16"
     papers = _edit(method="mrgd", kssa=False, keywords=0, **PAPERS_RULES)
     assert tiny_guided_pipe.edit(papers).info["guidance_precision"] == "decoder"
+    assert tiny_guided_pipe.edit(edit).info["guidance_picture"] == "decoder"  # no tiny decoder: the VAE's own
 
 
 def test_guidance_window_and_vision_shared_across_queries(tiny_guided_pipe):

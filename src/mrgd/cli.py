@@ -291,6 +291,9 @@ def edit(
     guidance_precision: Annotated[Optional[str], typer.Option(
         "--guidance-precision", help="the VAE's guided decode: auto (default: bfloat16 where the device computes it "
         "natively) | decoder (the VAE's own dtype) | bfloat16")] = None,
+    guidance_picture: Annotated[Optional[str], typer.Option(
+        "--guidance-picture", help="what guidance looks at through a tiny decoder: decoder (default: its own "
+        "picture) | vae (the VAE's picture, the tiny decoder's gradient)")] = None,
     guidance_size: Annotated[Optional[int], typer.Option("--guidance-size", help="the guidance model's input side in pixels")] = None,
     guidance_model: Annotated[Optional[str], typer.Option("--guidance-model", help="CLIPSeg folder or hub id")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="also write keywords.json/.png, masks.png, metrics.png")] = False,
@@ -313,7 +316,7 @@ def edit(
     _require_changes(the_edit, edit_file)
     switches = {"keywords": keywords, "keyword_entropy": keyword_entropy, "lambda_rs": lambda_rs, "lambda_is": lambda_is, "lambda_ip": lambda_ip,
                 "guidance_every": guidance_every, "guidance_until": guidance_until, "guidance_vae": guidance_vae,
-                "guidance_precision": guidance_precision, "guidance_size": guidance_size, "kssa": False if no_kssa else None,
+                "guidance_precision": guidance_precision, "guidance_picture": guidance_picture, "guidance_size": guidance_size, "kssa": False if no_kssa else None,
                 "use_total": False if no_total else None, "guidance": False if no_guidance else None}
     switches = {k: v for k, v in switches.items() if v is not None}
     if switches:

@@ -169,6 +169,14 @@ class Settings(_Model):
     # pairs, full VAE) bfloat16 minus float32 was CLIP +1.18 / −0.10 / +0.25, SSIM-e +0.005 / +0.000 / +0.001 (add /
     # remove / attribute), of the order of float rounding alone (benchmarks/results/tuning-guidance-precision.md).
     guidance_precision: Literal["auto", "decoder", "bfloat16"] = "auto"
+    # What Φ and L_IP look at when guidance differentiates through a tiny decoder (ours): "decoder", the tiny
+    # decoder's own picture; "vae", the VAE's decode of x̂0 (made without a graph, in guidance_precision), with the
+    # gradient taken through the tiny decoder (a straight-through estimate: the VAE's picture, the tiny decoder's
+    # Jacobian). The losses then judge the picture the edit will show, and the VAE's backward pass, the largest
+    # part of full-VAE guidance on SD's VAE, is not paid. On the tuning suites (161 pairs) it came closer to the VAE's
+    # guidance than the tiny decoder's own picture on 7 of 9 task means (CLIP attribute −0.34 against −0.95), but on
+    # the embedded model it costs what the VAE does, so it is an option (benchmarks/results/tuning-guidance-picture.md).
+    guidance_picture: Literal["decoder", "vae"] = "decoder"
     # Guidance's VAE decode recomputes its blocks in the backward pass instead of keeping them (ours): SD 1.5 at 512²
     # peaked at 1.63x the plain pair's memory with them kept (benchmarks/results/speed.md); it costs ~3 % of an edit's
     # time there and ~7 % on the embedded model at 128², where memory is no concern. None: from 512² pixels up.

@@ -389,9 +389,12 @@ class MRGDPipeline:
         native = self.guidance_size or self.guidance_model.config.vision_config.image_size
         segmenter = Segmenter(self.guidance_model, self.guidance_tokenizer,
                               settings.guidance_size or min(native, max(edit.size)))
-        name, decode = self.guidance_decoder(settings.guidance_vae, settings.guidance_precision)
+        name, decode = self.guidance_decoder(settings.guidance_vae, settings.guidance_precision,
+                                             settings.guidance_picture)
         info["guidance_decoder"] = name
-        info["guidance_precision"] = self._guidance_precision(name, settings.guidance_precision)
+        info["guidance_picture"] = self._guidance_picture(name, settings.guidance_picture)
+        info["guidance_precision"] = self._guidance_precision(
+            "vae" if info["guidance_picture"] == "vae" else name, settings.guidance_precision)
         checkpoint = settings.guidance_checkpoint
         if checkpoint is None:
             checkpoint = edit.size[0] * edit.size[1] >= CHECKPOINT_FROM_PIXELS
@@ -399,37 +402,57 @@ class MRGDPipeline:
                                            and getattr(self.vae, "_supports_gradient_checkpointing", False))
         return Guide.for_edit(edit, plans, segmenter, self.latent_factor, decode)
 
-    def guidance_decoder(self, choice: str = "auto", precision: str = "decoder"
+    def guidance_decoder(self, choice: str = "auto", precision: str = "decoder", picture: str = "decoder"
                          ) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
         """What guidance sees x̂0 through (method.md §6 decodes with the VAE; a tiny decoder costs a fraction):
         (its name, latents -> [-1, 1] float images, differentiable). `choice` is `Settings.guidance_vae`,
-        `precision` `Settings.guidance_precision`."""
+        `precision` `Settings.guidance_precision`, `picture` `Settings.guidance_picture`."""
         if choice == "full" or (choice == "auto" and self.guidance_vae is None):
-            name, decode = "vae", lambda z: self.decode_tensor(z).float()
+            return "vae", self._in_precision("vae", precision, lambda z: self.decode_tensor(z).float())
+        if choice in ("auto", "tiny"):
+            if self.guidance_vae is None:
+                raise InputError("mrgd.guidance_vae: 'tiny' asked for, but this model has no tiny decoder; pass "
+                                 "--guidance-vae FOLDER (an AutoencoderTiny such as madebyollin/taesd) or 'full'")
+            tiny, name = self.guidance_vae, "tiny"
         else:
-            if choice in ("auto", "tiny"):
-                if self.guidance_vae is None:
-                    raise InputError("mrgd.guidance_vae: 'tiny' asked for, but this model has no tiny decoder; pass "
-                                     "--guidance-vae FOLDER (an AutoencoderTiny such as madebyollin/taesd) or 'full'")
-                tiny, name = self.guidance_vae, "tiny"
-            else:
-                from .models import load_tiny_decoder
+            from .models import load_tiny_decoder
 
-                if choice not in self._tiny_decoders:
-                    self._tiny_decoders[choice] = load_tiny_decoder(choice, self.device, self.dtype)
-                tiny, name = self._tiny_decoders[choice], choice
-            # AutoencoderTiny decodes the latents the UNet sees (its scaling factor is 1 for the TAESD family)
-            def decode(z, tiny=tiny):
-                return tiny.decode((z / tiny.config.scaling_factor).to(tiny.dtype)).sample.float()
-        if self._guidance_precision(name, precision) == "decoder":
+            if choice not in self._tiny_decoders:
+                self._tiny_decoders[choice] = load_tiny_decoder(choice, self.device, self.dtype)
+            tiny, name = self._tiny_decoders[choice], choice
+
+        # AutoencoderTiny decodes the latents the UNet sees (its scaling factor is 1 for the TAESD family)
+        def decode(z, tiny=tiny):
+            return tiny.decode((z / tiny.config.scaling_factor).to(tiny.dtype)).sample.float()
+
+        decode = self._in_precision(name, precision, decode)
+        if self._guidance_picture(name, picture) == "decoder":
             return name, decode
+        full = self._in_precision("vae", precision, lambda z: self.decode_tensor(z).float())
+
+        def vae_picture(z):
+            # the VAE's picture, the tiny decoder's gradient: seen + (approx − approx) is `seen` in value
+            with torch.no_grad():
+                seen = full(z)
+            if not (torch.is_grad_enabled() and z.requires_grad):
+                return seen
+            approx = decode(z)
+            return seen + (approx - approx.detach())
+
+        return name, vae_picture
+
+    def _in_precision(self, name: str, precision: str, decode: Callable[[torch.Tensor], torch.Tensor]
+                      ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`decode` as `Settings.guidance_precision` asks: as it is, or under bfloat16 autocast."""
+        if self._guidance_precision(name, precision) == "decoder":
+            return decode
         device_type = self.device.type
 
         def decode_bf16(z):
             with torch.autocast(device_type, dtype=torch.bfloat16):
                 return decode(z)
 
-        return name, decode_bf16
+        return decode_bf16
 
     def _guidance_precision(self, name: str, precision: str) -> str:
         """`Settings.guidance_precision` resolved: "bfloat16" or "decoder" (see there)."""
@@ -437,6 +460,11 @@ class MRGDPipeline:
             return precision
         native = _bfloat16_native(self.device)
         return "bfloat16" if name == "vae" and native and self.vae.dtype == torch.float32 else "decoder"
+
+    @staticmethod
+    def _guidance_picture(name: str, picture: str) -> str:
+        """`Settings.guidance_picture` as it applies: "decoder" where guidance decodes with the VAE itself."""
+        return "decoder" if name == "vae" else picture
 
     def _job(self, image: int, plan: RegionPlan, encoded, null_embeds, step: int) -> Job:
         cond, uncond = encoded[(image, plan.key)]
