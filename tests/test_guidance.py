@@ -268,7 +268,7 @@ def test_steps_before_l_ip_skip_the_source_decode_and_the_second_backward_pass(t
         decoded.append(z.requires_grad)
         return full(z)
 
-    guide = _guide(pipe, _edit(method="mrgd"), decode)  # the toy region is added: ip_reach "added" confines L_IP
+    guide = _guide(pipe, _edit(method="mrgd", ip_reach="added"), decode)  # the toy is added: L_IP confined by a 2nd pass
     assert guide.added
     torch.manual_seed(0)
     x0 = {SOURCE: torch.randn(1, 4, 8, 8), TARGET: torch.randn(1, 4, 8, 8).requires_grad_()}
@@ -288,6 +288,37 @@ def test_a_removal_of_the_only_object_guides_nothing_before_l_ip(tiny_guided_pip
     result = tiny_guided_pipe.edit(Edit.from_dict(data))
     first = result.info["guidance_losses"][0]
     assert first["step"] == 0 and first["total"] == 0 and not result.info.get("notes")
+
+
+def test_ip_reach_ring_leaves_a_ring_around_added_boxes_to_the_latent_term_in_one_backward_pass(tiny_guided_pipe,
+                                                                                                monkeypatch):
+    """ip_reach "ring": L_IP's pixel term leaves out ip_ring latent pixels around each added box, and the gradient
+    is one backward pass; "added" keeps those pixels and pays a second pass to keep L_IP out of the box."""
+    from mrgd import guidance
+    from mrgd.pipeline import SOURCE, TARGET
+
+    pipe = tiny_guided_pipe
+    _, decode = pipe.guidance_decoder("full")
+    torch.manual_seed(0)
+    x0 = {SOURCE: torch.randn(1, 4, 8, 8), TARGET: torch.randn(1, 4, 8, 8).requires_grad_()}
+    passes, grad = [], torch.autograd.grad
+    monkeypatch.setattr(guidance.torch.autograd, "grad", lambda *a, **k: passes.append(1) or grad(*a, **k))
+    masks = {}
+    for reach in ("added", "ring"):
+        guide = _guide(pipe, _edit(method="mrgd", ip_reach=reach, ip_ring=1), decode)
+        (toy,) = guide.added
+        masks[reach] = guide._mask("pixel", x0[TARGET], (64, 64))
+        passes.clear()
+        loss, _ = guide.loss(decode, x0, 10)
+        guide._gradients(loss, [x0[TARGET]])
+        assert len(passes) == (2 if reach == "added" else 1)
+    f = pipe.latent_factor
+    grown = masks["added"].new_zeros(64, 64, dtype=torch.bool)
+    grown[max(toy.y0 - 1, 0) * f:(toy.y1 + 1) * f, max(toy.x0 - 1, 0) * f:(toy.x1 + 1) * f] = True
+    ring = grown.clone()
+    ring[toy.y0 * f:toy.y1 * f, toy.x0 * f:toy.x1 * f] = False
+    assert torch.equal(masks["ring"][~grown], masks["added"][~grown]) and (masks["ring"] <= masks["added"]).all()
+    assert (masks["ring"][ring] < masks["added"][ring]).any()
 
 
 def test_an_edit_reports_its_guidance_precision(tiny_guided_pipe):

@@ -166,7 +166,11 @@ def composite(
 
 def grow_box(box: LatentBox, margin: float, hw: tuple[int, int]) -> LatentBox:
     """The box grown on every side by ceil(margin × its larger side) latent pixels, clamped to the canvas."""
-    pad = math.ceil(round(margin * max(box.h, box.w), _ROUND_DECIMALS))
+    return pad_box(box, math.ceil(round(margin * max(box.h, box.w), _ROUND_DECIMALS)), hw)
+
+
+def pad_box(box: LatentBox, pad: int, hw: tuple[int, int]) -> LatentBox:
+    """The box grown on every side by `pad` latent pixels, clamped to the canvas."""
     return LatentBox(max(box.y0 - pad, 0), min(box.y1 + pad, hw[0]), max(box.x0 - pad, 0), min(box.x1 + pad, hw[1]))
 
 

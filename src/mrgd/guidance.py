@@ -15,7 +15,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from .fusion import LatentBox, feather_mask, grow_box
+from .fusion import LatentBox, feather_mask, grow_box, pad_box
 from .runtime import device_constant
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -269,7 +269,10 @@ class Guide:
             if kind == "latent":
                 mask = inherent_mask(self.edited, self.hw)
             elif kind == "pixel":
-                mask = inherent_mask(scale_boxes(self.edited, self.factor), hw)
+                holes = self.edited
+                if self.settings.ip_reach == "ring":  # a ring around added boxes is left to the latent term
+                    holes = holes + [pad_box(box, self.settings.ip_ring, self.hw) for box in self.added]
+                mask = inherent_mask(scale_boxes(holes, self.factor), hw)
             elif kind == "added":
                 mask = inherent_mask(self.added, self.hw)
             else:
@@ -366,7 +369,7 @@ class Guide:
         if not loss.requires_grad:  # no L_IP yet and no row for L_RS (a removal's target): nothing moves
             return [torch.zeros_like(x) for x in inputs]
         reach = self.settings.ip_reach
-        if reach == "image" or (reach == "added" and not self.added) or terms is None or not terms[1].requires_grad:
+        if reach in ("image", "ring") or (reach == "added" and not self.added) or terms is None or not terms[1].requires_grad:
             return list(torch.autograd.grad(loss, inputs))
         steer, keep = terms
         mask = self._mask("latent" if reach == "inherent" else "added", inputs[0])

@@ -192,10 +192,14 @@ class Settings(_Model):
     ip_pixels: bool = True  # L_IP's pixel term (Eq. 4); false: its latent term alone
     # Which latents L_IP's gradient may move (ours; §6: "image", all of them): "added" keeps it out of added boxes,
     # "inherent" out of every edited box (weighed by ℳ), so the pixel term does not hold a new object back through
-    # the decoder's reach (guidance.Guide._gradients). On the 65 additions of the tuning suites "added" lifted CLIP
-    # +1.24 [+0.47, +2.20] for SSIM-e −0.012, SSIM-i −0.0007 (tuning-ip-reach.md); other edits are unchanged by it.
-    # "inherent" also helped separate additions but cost attribute edits 1.9 CLIP (tuning-separate.md).
-    ip_reach: Literal["image", "inherent", "added"] = "added"
+    # the decoder's reach (guidance.Guide._gradients); both cost a second backward pass through the decoder. "ring"
+    # (the default) takes one: L_IP's pixel term leaves out a ring of `ip_ring` latent pixels around each added box,
+    # the pixels that pulled it back, and its latent term still holds them. On the 65 additions of the tuning suites
+    # "added" lifted CLIP +1.24 [+0.47, +2.20] over "image" for SSIM-e −0.012 (tuning-ip-reach.md); "ring" against
+    # "added" was within 0.3 CLIP and 0.003 SSIM with the tiny decoder and the VAE, a 2-pixel ring cost SSIM-e 0.0065
+    # (tuning-ip-ring.md). Other edits are unchanged by it. "inherent" cost attribute edits 1.9 CLIP (tuning-separate.md).
+    ip_reach: Literal["image", "inherent", "added", "ring"] = "ring"
+    ip_ring: int = Field(1, ge=0)  # latent pixels around an added box that L_IP's pixel term leaves out (ip_reach "ring")
     # The most a guided re-step may move x̂0, as an RMS over the latent (ours; §6 has no limit): the gradient is
     # scaled down to it (guidance.limit_step). None: no limit. Φ's backward spikes now and then: at one step the
     # gradient reaching the decoded image grows ~100x while the one reaching Φ's maps stays as before, and the re-step
