@@ -360,16 +360,18 @@ class Guide:
                        (("rs", rs), ("is", is_), ("ip", ip), ("total", total))}
 
     def _gradients(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """∇L for the guided x̂0's. With `ip_reach` "added" (ours, the default) L_IP's share reaches only the latents
-        outside the added boxes, with "inherent" only those outside every edited box (weighted by ℳ): through the
-        decoder its pixel term otherwise also moved a box's latents, so that the pixels around the box match the
-        source, which drew the new object back toward the old picture. It costs a second backward pass through the
-        decoder, in edits that have such a box."""
+        """∇L for the guided x̂0's, in one backward pass unless `ip_reach` confines L_IP's share in latent space:
+        with "added" it reaches only the latents outside the added boxes, with "inherent" only those outside every
+        edited box (weighted by ℳ), at the cost of a second backward pass through the decoder. (Through the decoder
+        its pixel term otherwise also moved a box's latents, so that the pixels around the box match the source,
+        which drew the new object back toward the old picture; "ring", the default, leaves those pixels out of the
+        loss instead, see `_mask`.)"""
         terms, self.terms = self.terms, None  # the graph is not kept past its step
         if not loss.requires_grad:  # no L_IP yet and no row for L_RS (a removal's target): nothing moves
             return [torch.zeros_like(x) for x in inputs]
         reach = self.settings.ip_reach
-        if reach in ("image", "ring") or (reach == "added" and not self.added) or terms is None or not terms[1].requires_grad:
+        confined = reach == "inherent" or (reach == "added" and self.added)
+        if not confined or terms is None or not terms[1].requires_grad:
             return list(torch.autograd.grad(loss, inputs))
         steer, keep = terms
         mask = self._mask("latent" if reach == "inherent" else "added", inputs[0])

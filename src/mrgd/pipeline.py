@@ -407,8 +407,9 @@ class MRGDPipeline:
         """What guidance sees x̂0 through (method.md §6 decodes with the VAE; a tiny decoder costs a fraction):
         (its name, latents -> [-1, 1] float images, differentiable). `choice` is `Settings.guidance_vae`,
         `precision` `Settings.guidance_precision`, `picture` `Settings.guidance_picture`."""
+        full = self._in_precision("vae", precision, lambda z: self.decode_tensor(z).float())
         if choice == "full" or (choice == "auto" and self.guidance_vae is None):
-            return "vae", self._in_precision("vae", precision, lambda z: self.decode_tensor(z).float())
+            return "vae", full
         if choice in ("auto", "tiny"):
             if self.guidance_vae is None:
                 raise InputError("mrgd.guidance_vae: 'tiny' asked for, but this model has no tiny decoder; pass "
@@ -428,7 +429,6 @@ class MRGDPipeline:
         decode = self._in_precision(name, precision, decode)
         if self._guidance_picture(name, picture) == "decoder":
             return name, decode
-        full = self._in_precision("vae", precision, lambda z: self.decode_tensor(z).float())
 
         def vae_picture(z):
             # the VAE's picture, the tiny decoder's gradient: seen + (approx − approx) is `seen` in value
